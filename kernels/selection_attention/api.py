@@ -1,0 +1,108 @@
+"""Public entry point of selection attention, dispatching over backends by preference list.
+
+Backends are tried in order; one that cannot handle the request raises `NotImplementedError` and the
+next is tried (the tokamax pattern). Only the XLA reference exists so far; the Pallas backends
+(mosaic_gpu, triton, mosaic_tpu) register here as they land.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+from jaxtyping import Array, Float, Int
+
+from kernels.selection_attention import reference
+
+
+def _xla(q, k_blocks, v_blocks, ids, *, scale, interpret):
+  del interpret  # nothing to interpret: plain XLA
+  return reference.selection_attention(q, k_blocks, v_blocks, ids, scale=scale)
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {"xla": _xla}
+
+_PREFERENCES: dict[str, tuple[str, ...]] = {"gpu": ("xla",), "tpu": ("xla",), "cpu": ("xla",)}
+
+
+def default_implementations(platform: str | None = None) -> tuple[str, ...]:
+  """Backends tried, in order, on `platform` (default: JAX's default backend)."""
+  platform = jax.default_backend() if platform is None else platform
+  return _PREFERENCES.get(platform, ("xla",))
+
+
+def _check_shapes(q, k_blocks, v_blocks, ids) -> None:
+  if q.ndim != 4:
+    raise ValueError(f"q must be [batch, heads, tokens, head_dim], got shape {q.shape}")
+  if k_blocks.ndim != 5 or v_blocks.shape != k_blocks.shape:
+    raise ValueError("k_blocks and v_blocks must both be [batch, heads, num_blocks, block_tokens, head_dim], "
+                     f"got {k_blocks.shape} and {v_blocks.shape}")
+  if ids.ndim != 4 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"ids must be an integer [batch, heads, groups, top_k] array, got {ids.dtype}{list(ids.shape)}")
+  batch, heads, tokens, head_dim = q.shape
+  if k_blocks.shape[:2] != (batch, heads) or ids.shape[:2] != (batch, heads):
+    raise ValueError(f"batch and head axes must agree: q {q.shape[:2]}, k_blocks {k_blocks.shape[:2]}, "
+                     f"ids {ids.shape[:2]}")
+  if k_blocks.shape[-1] != head_dim:
+    raise ValueError(f"head_dim mismatch: q has {head_dim}, k_blocks {k_blocks.shape[-1]}")
+  if ids.shape[2] == 0 or tokens % ids.shape[2]:
+    raise ValueError(f"the {tokens} query tokens must split evenly into the {ids.shape[2]} groups of ids")
+
+
+def check_block_ids(ids: Int[Array, "..."], num_blocks: int) -> None:
+  """Ids must lie in [-1, num_blocks). Concrete ids raise ValueError here; traced ids add a
+  `checkify` check (run the jitted function under `checkify.checkify` to surface it)."""
+  if isinstance(ids, jax.core.Tracer):
+    bad = (ids < -1) | (ids >= num_blocks)
+    checkify.check(~jnp.any(bad), "block ids must lie in [-1, {num_blocks}); found ids in [{lo}, {hi}]",
+                   num_blocks=num_blocks, lo=jnp.min(ids), hi=jnp.max(ids))
+    return
+  ids = np.asarray(ids)
+  bad = (ids < -1) | (ids >= num_blocks)
+  if bad.any():
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"block ids must lie in [-1, {num_blocks}) (the store's block count); ids{list(where)} = "
+                     f"{int(ids[where])}, and {int(bad.sum())} ids are out of range in all")
+
+
+def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h nblk bt d"],
+                        v_blocks: Float[Array, "b h nblk bt d"], ids: Int[Array, "b h g k"], *,
+                        implementation: str | Sequence[str] | None = None, interpret: bool = False,
+                        scale: float | None = None,
+                        check_ids: bool = False) -> tuple[Float[Array, "b h n d"], Float[Array, "b h n"]]:
+  """Attention of each group of queries over its own listed KV blocks.
+
+  Args:
+    q: queries, the n tokens split into g consecutive groups (g = ids.shape[2]).
+    k_blocks, v_blocks: the store viewed as blocks (`[..., slots, tokens, d]` reshaped, no copy).
+    ids: per (batch, head, group) the block indices to attend; -1 entries are skipped; a repeated id
+      is attended as listed (its keys count twice).
+    implementation: a backend name or a preference list; default `default_implementations()`.
+    interpret: run Pallas backends in interpret mode (CPU tests).
+    scale: softmax scale, default 1 / sqrt(d).
+    check_ids: range-check ids (interpret modes and gathers clamp silently).
+
+  Returns:
+    (o, lse): outputs in q's dtype, zeros for a group without valid ids; fp32 log-sum-exp of the
+    scaled logits, -inf for such a group.
+  """
+  _check_shapes(q, k_blocks, v_blocks, ids)
+  if check_ids:
+    check_block_ids(ids, k_blocks.shape[2])
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  names = default_implementations() if implementation is None else (
+      (implementation,) if isinstance(implementation, str) else tuple(implementation))
+  unknown = [name for name in names if name not in IMPLEMENTATIONS]
+  if unknown:
+    raise ValueError(f"unknown selection_attention implementation(s) {unknown}; known: {sorted(IMPLEMENTATIONS)}")
+  reasons = []
+  for name in names:
+    try:
+      return IMPLEMENTATIONS[name](q, k_blocks, v_blocks, ids, scale=scale, interpret=interpret)
+    except NotImplementedError as err:
+      reasons.append(f"{name}: {err}")
+  raise NotImplementedError("no selection_attention implementation accepted these inputs: " + "; ".join(reasons))

@@ -1,0 +1,35 @@
+"""XLA reference of the selection branch: gather each (group, head)'s blocks, dense f32 softmax.
+
+It materialises the gathered keys ([b, h, g, k, block, d]); the Pallas backends must not, and are
+tested against this.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h nblk bt d"],
+                        v_blocks: Float[Array, "b h nblk bt d"], ids: Int[Array, "b h g k"], *,
+                        scale: float) -> tuple[Float[Array, "b h n d"], Float[Array, "b h n"]]:
+  """Softmax attention of each group's queries over the listed blocks; -1 ids are skipped."""
+  batch, heads, tokens, head_dim = q.shape
+  groups = ids.shape[2]
+  valid = ids >= 0
+  gather = jax.vmap(jax.vmap(lambda blocks, idx: blocks[idx]))  # over batch, heads
+  k_sel = gather(k_blocks, jnp.where(valid, ids, 0)).astype(jnp.float32)  # [b, h, g, k, bt, d]
+  v_sel = gather(v_blocks, jnp.where(valid, ids, 0)).astype(jnp.float32)
+  q_groups = q.astype(jnp.float32).reshape(batch, heads, groups, tokens // groups, head_dim)
+
+  logits = jnp.einsum("bhgqd,bhgktd->bhgqkt", q_groups, k_sel, precision=jax.lax.Precision.HIGHEST) * scale
+  logits = jnp.where(valid[:, :, :, None, :, None], logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=(4, 5), keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  probs = jnp.exp(logits - row_max)
+  denom = jnp.sum(probs, axis=(4, 5))  # [b, h, g, q]; 0 when the group has no valid id
+  out = jnp.einsum("bhgqkt,bhgktd->bhgqd", probs, v_sel, precision=jax.lax.Precision.HIGHEST)
+  out = jnp.where(denom[..., None] > 0, out / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
+  lse = jnp.where(denom > 0, jnp.log(jnp.where(denom > 0, denom, 1.0)) + row_max[..., 0, 0], -jnp.inf)
+  return out.reshape(q.shape).astype(q.dtype), lse.reshape(batch, heads, tokens)

@@ -1,0 +1,172 @@
+"""OmniMem self-attention over the KV store, and the baseline modes through the same entry point.
+
+`chunk_self_attention` is one layer's attention for one DiT call on chunk c (DESIGN.md section 3):
+it writes the chunk's post-RoPE K/V into the store, then
+
+  omnimem:      o = s(g_cmp) o_cmp + s(g_slc) o_slc + s(g_swa) o_swa,  s = sigmoid(clip(., -10, 10))
+                o_cmp: dense over the pooled K/V of every stored chunk 0..c,
+                o_swa: dense over the full K/V of chunks c - window_chunks + 1 .. c,
+                o_slc: each (query group, head) over its own top-k blocks (memory.select);
+  window:       dense over the last local_attn_frames frames (Self-Forcing);
+  sink_window:  dense over the sink chunks plus the last local_attn_frames - sink_frames frames
+                (LongLive);
+  dense:        dense over every stored chunk.
+
+Attention inside the current chunk is bidirectional in every branch. Keys are never re-rotated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from kernels.selection_attention import api as selection_api
+from omnimem_jax.config import MemoryConfig, ModelConfig
+from omnimem_jax.memory.select import select_blocks
+from omnimem_jax.memory.store import LayerKV, assign_slot, check_layer, slot_of_chunk, write_chunk
+
+GATE_ORDER = ("cmp", "slc", "swa")
+GATE_CLIP = 10.0
+
+
+def _masked_attention(q: Float[Array, "b n h d"], keys: Float[Array, "b h m d"], values: Float[Array, "b h m d"],
+                      key_mask: Bool[Array, " m"]) -> Float[Array, "b n h d"]:
+  """Dense softmax attention of every query over the keys where key_mask holds (store layout keys)."""
+  keys = keys.astype(q.dtype).transpose(0, 2, 1, 3)
+  values = values.astype(q.dtype).transpose(0, 2, 1, 3)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  return jax.nn.dot_product_attention(q, keys, values, mask=key_mask[None, None, None, :], scale=scale)
+
+
+def recent_chunk_ids(chunk_index: Int[Array, ""], count: int) -> Int[Array, " count"]:
+  """Chunks c - count + 1 .. c (negative ids mean "before the video" and are never resident)."""
+  return chunk_index - jnp.arange(count - 1, -1, -1, dtype=jnp.int32)
+
+
+def attended_chunks(chunk_index: Int[Array, ""], memory: MemoryConfig) -> Int[Array, " n"] | None:
+  """The chunks a dense branch reads at chunk c, as a static-length list; None means all stored chunks.
+
+  For the sliding branch of "omnimem" and the "window" / "sink_window" baselines; -1 marks an unused
+  entry (a sink chunk that is also recent appears once).
+  """
+  if memory.mode == "dense":
+    return None
+  recent = recent_chunk_ids(chunk_index, memory.recent_chunks)
+  if memory.mode != "sink_window":
+    return recent
+  sink = jnp.arange(memory.pinned_chunks, dtype=jnp.int32)
+  return jnp.concatenate([jnp.where(sink <= chunk_index, sink, -1),
+                          jnp.where(recent >= memory.pinned_chunks, recent, -1)])
+
+
+def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
+                    chunk_index: Int[Array, ""], chunk_ids: Int[Array, " n"] | None,
+                    memory: MemoryConfig) -> Float[Array, "b n h d"]:
+  """Dense attention over the full-resolution K/V of the listed chunks that are still stored."""
+  tokens = layer.k.shape[3]
+  if chunk_ids is None:  # every slot, in place
+    keys, values = layer.k, layer.v
+    resident = (slot_chunk >= 0) & (slot_chunk <= chunk_index)
+  else:
+    slots = slot_of_chunk(jnp.maximum(chunk_ids, 0), memory)
+    resident = (chunk_ids >= 0) & (chunk_ids <= chunk_index) & (slot_chunk[slots] == chunk_ids)
+    keys, values = jnp.take(layer.k, slots, axis=2), jnp.take(layer.v, slots, axis=2)
+  batch, heads, count, _, head_dim = keys.shape
+  keys = keys.reshape(batch, heads, count * tokens, head_dim)
+  values = values.reshape(batch, heads, count * tokens, head_dim)
+  return _masked_attention(q, keys, values, jnp.repeat(resident, tokens, total_repeat_length=count * tokens))
+
+
+def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
+                         chunk_index: Int[Array, ""]) -> Float[Array, "b n h d"]:
+  """Dense attention over the pooled K/V of every stored chunk 0..c (current chunk included)."""
+  blocks_per_chunk = layer.k_pooled.shape[2] // slot_chunk.shape[0]
+  stored = (slot_chunk >= 0) & (slot_chunk <= chunk_index)
+  mask = jnp.repeat(stored, blocks_per_chunk, total_repeat_length=layer.k_pooled.shape[2])
+  return _masked_attention(q, layer.k_pooled, layer.v_pooled, mask)
+
+
+def selection_branch(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
+                     chunk_index: Int[Array, ""], config: ModelConfig,
+                     implementation: str | Sequence[str] | None = None) -> Float[Array, "b n h d"]:
+  """Each (query group, head) attends to its own top-k blocks, read from the store's block view."""
+  q_heads = q.transpose(0, 2, 1, 3)
+  ids = select_blocks(q_heads, layer.k_pooled, slot_chunk, chunk_index, config)
+  batch, heads, slots, tokens, head_dim = layer.k.shape
+  block_view = (batch, heads, slots * config.blocks_per_chunk, config.memory.block_tokens, head_dim)
+  out, _ = selection_api.selection_attention(
+      q_heads, layer.k.reshape(block_view), layer.v.reshape(block_view), ids,
+      implementation=implementation, check_ids=config.memory.debug_checks)
+  return out.transpose(0, 2, 1, 3)
+
+
+def gate_branches(gate_logits: Float[Array, "b n h 3"], o_cmp: Float[Array, "b n h d"],
+                  o_slc: Float[Array, "b n h d"], o_swa: Float[Array, "b n h d"]) -> Float[Array, "b n h d"]:
+  """sigmoid(clip(g, -10, 10)) weighted sum of the branches, gate order (cmp, slc, swa)."""
+  gates = jax.nn.sigmoid(jnp.clip(gate_logits.astype(jnp.float32), -GATE_CLIP, GATE_CLIP))
+  branches = jnp.stack([o_cmp, o_slc, o_swa], axis=-1).astype(jnp.float32)
+  return jnp.einsum("bnhdc,bnhc->bnhd", branches, gates, precision=jax.lax.Precision.HIGHEST)
+
+
+def _check_inputs(q, k, v, layer, slot_chunk, chunk_index, gate_logits, config: ModelConfig) -> None:
+  expected = (config.tokens_per_chunk, config.num_heads, config.head_dim)
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+      raise ValueError(f"{name} must be [batch, {expected[0]} tokens, {expected[1]} heads, {expected[2]}] for this "
+                       f"config, got {tuple(x.shape)}")
+  if not (q.shape[0] == k.shape[0] == v.shape[0]):
+    raise ValueError(f"q, k, v batch sizes differ: {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+  check_layer(layer, config)
+  if layer.k.shape[0] != q.shape[0]:
+    raise ValueError(f"store batch {layer.k.shape[0]} != query batch {q.shape[0]}")
+  if slot_chunk.shape != (config.memory.capacity_chunks,):
+    raise ValueError(f"slot_chunk must be [{config.memory.capacity_chunks}], got {tuple(slot_chunk.shape)}")
+  if jnp.ndim(chunk_index) != 0:
+    raise ValueError(f"chunk_index must be a scalar, got shape {jnp.shape(chunk_index)}")
+  if not isinstance(chunk_index, jax.core.Tracer) and int(chunk_index) < 0:
+    raise ValueError(f"chunk_index must be >= 0, got {int(chunk_index)}")
+  if config.memory.mode == "omnimem":
+    gates = (q.shape[0], *expected[:2], len(GATE_ORDER))
+    if gate_logits is None or tuple(gate_logits.shape) != gates:
+      got = None if gate_logits is None else tuple(gate_logits.shape)
+      raise ValueError(f"omnimem mode needs gate_logits of shape {gates} (order cmp, slc, swa), got {got}")
+  elif gate_logits is not None:
+    raise ValueError(f"{config.memory.mode} mode has no gates; pass gate_logits=None")
+
+
+def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"], v: Float[Array, "b n h d"],
+                         layer: LayerKV, slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Array, ""],
+                         gate_logits: Float[Array, "b n h 3"] | None, config: ModelConfig, *,
+                         implementation: str | Sequence[str] | None = None
+                         ) -> tuple[Float[Array, "b n h d"], LayerKV]:
+  """One layer's self-attention of chunk c over its history, in the mode of `config.memory`.
+
+  Args:
+    q, k, v: the chunk's queries, keys, values: post-RoPE (absolute frames), tokens in block order.
+    layer: this layer's store; chunk c's K/V are written into its slot before attending.
+    slot_chunk: the store's slot table before this call (chunk c's slot is assigned here too; the
+      caller records `store.assign_slot(slot_chunk, c)` once for all layers).
+    chunk_index: absolute chunk index c; may be traced, so a rollout compiles once.
+    gate_logits: `x_sa @ Wg + bg` reshaped per head, order (cmp, slc, swa); omnimem mode only.
+    config: geometry and memory configuration.
+    implementation: selection-attention backend preference (default: per platform).
+
+  Returns:
+    (attention output before the output projection, updated layer store).
+  """
+  _check_inputs(q, k, v, layer, slot_chunk, chunk_index, gate_logits, config)
+  memory = config.memory
+  chunk_index = jnp.asarray(chunk_index, jnp.int32)
+  slot_chunk = assign_slot(slot_chunk, chunk_index, memory)
+  layer = write_chunk(layer, k, v, chunk_index, config)
+  recent = attended_chunks(chunk_index, memory)
+  if memory.mode != "omnimem":
+    return chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory), layer
+  o_cmp = compressed_attention(q, layer, slot_chunk, chunk_index)
+  o_slc = selection_branch(q, layer, slot_chunk, chunk_index, config, implementation)
+  o_swa = chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory)
+  return gate_branches(gate_logits, o_cmp, o_slc, o_swa).astype(q.dtype), layer
