@@ -58,8 +58,8 @@ def check_block_ids(ids: Int[Array, "..."], num_blocks: int) -> None:
   `checkify` check (run the jitted function under `checkify.checkify` to surface it)."""
   if isinstance(ids, jax.core.Tracer):
     bad = (ids < -1) | (ids >= num_blocks)
-    checkify.check(~jnp.any(bad), "block ids must lie in [-1, {num_blocks}); found ids in [{lo}, {hi}]",
-                   num_blocks=num_blocks, lo=jnp.min(ids), hi=jnp.max(ids))
+    checkify.check(~jnp.any(bad), f"block ids must lie in [-1, {num_blocks}); found ids in [{{lo}}, {{hi}}]",
+                   lo=jnp.min(ids), hi=jnp.max(ids))
     return
   ids = np.asarray(ids)
   bad = (ids < -1) | (ids >= num_blocks)

@@ -1,0 +1,31 @@
+# `make test` and `make demo` create .venv from a Python >= 3.12 (jax >= 0.11 needs it) and install.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# First Python >= 3.12 among $PYTHON, python3, python3.12, python3.13 and pyenv's 3.12.1.
+FIND_PYTHON = for p in "$$PYTHON" python3 python3.12 python3.13 "$$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12"; do \
+  [ -n "$$p" ] && "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$p"; exit 0; }; \
+  done; exit 1
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	@python=$$($(FIND_PYTHON)) || { echo "error: no Python >= 3.12 found (jax >= 0.11 needs it). Install one (e.g. 'pyenv install 3.12.1') or run 'make PYTHON=/path/to/python3.12 ...'." >&2; exit 1; }; \
+	echo "creating $(VENV) with $$python ($$($$python --version))"; \
+	"$$python" -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) experiments/memory_demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
