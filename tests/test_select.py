@@ -124,3 +124,13 @@ def test_group_scores_are_mean_query_logits():
   logits = np.einsum("bhnd,bhjd->bhnj", q.astype(np.float64), k_pooled.astype(np.float64)) / 4.0
   expected = logits.reshape(*logits.shape[:2], -1, 2, logits.shape[-1]).mean(axis=3)
   np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_retrieval_distances_and_histogram():
+  config = tiny(capacity_chunks=4)
+  slot_chunk = filled_slot_chunk(config, 6)  # slots hold chunks [4, 5, 6, 3]
+  per_chunk = config.blocks_per_chunk
+  ids = jnp.array([[[[0 * per_chunk + 1, 3 * per_chunk, -1, 2 * per_chunk + 23]]]], jnp.int32)
+  distances = select.retrieval_distances(ids, slot_chunk, 6, config)
+  np.testing.assert_array_equal(distances, [[[[2, 3, -1, 0]]]])
+  np.testing.assert_array_equal(select.retrieval_histogram(distances, max_distance=2), [1, 0, 2])

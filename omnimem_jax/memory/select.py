@@ -60,3 +60,17 @@ def select_blocks(q: Float[Array, "b h n d"], k_pooled: Float[Array, "b h blocks
     pad = jnp.full((*ids.shape[:-1], memory.top_k - top_k), -1, jnp.int32)
     ids = jnp.concatenate([ids, pad], axis=-1)
   return ids
+
+
+def retrieval_distances(ids: Int[Array, "b h g k"], slot_chunk: Int[Array, " slots"],
+                        chunk_index: int | Int[Array, ""], config: ModelConfig) -> Int[Array, "b h g k"]:
+  """How many chunks back each selected block lies (c minus its chunk); -1 for padding ids."""
+  owner = slot_chunk[jnp.maximum(ids, 0) // config.blocks_per_chunk]
+  return jnp.where(ids >= 0, jnp.asarray(chunk_index, jnp.int32) - owner, -1)
+
+
+def retrieval_histogram(distances: Int[Array, "*any"], max_distance: int) -> Int[Array, " bins"]:
+  """Counts of selected blocks by distance 0..max_distance (the last bin holds everything farther)."""
+  valid = distances >= 0
+  bins = jnp.where(valid, jnp.minimum(distances, max_distance), 0)
+  return jnp.zeros(max_distance + 1, jnp.int32).at[bins.ravel()].add(valid.ravel().astype(jnp.int32))
