@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omnimem_jax.config import MemoryConfig, ModelConfig
+from omnimem_jax.config import ModelConfig
 from omnimem_jax.memory import store
 
 
