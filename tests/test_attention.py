@@ -3,7 +3,6 @@
 Numerical agreement with the float64 oracle lives in test_attention_oracle.py.
 """
 
-import dataclasses
 
 import chex
 import jax
@@ -12,14 +11,9 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 
-from omnimem_jax.config import ModelConfig
+from tests.configs import tiny
 from omnimem_jax.memory import store
 from omnimem_jax.model.attention import chunk_self_attention
-
-
-def tiny(**memory):
-  base = ModelConfig.from_preset("tiny")
-  return dataclasses.replace(base, memory=dataclasses.replace(base.memory, **memory))
 
 
 def chunk_inputs(config, seed, batch=2):

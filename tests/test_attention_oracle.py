@@ -12,7 +12,6 @@ The slot table handed to the core is the oracle's (before the write), and the on
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -25,6 +24,7 @@ from omnimem_jax.memory import store as store_lib
 from omnimem_jax.memory.select import select_blocks
 from omnimem_jax.model.attention import chunk_self_attention
 from tests import oracle
+from tests.configs import tiny
 
 REL_TOL = 1e-5
 TIE_TOL = 1e-5  # score gaps below this may order either way in float32
@@ -33,11 +33,6 @@ NUM_CHUNKS = 7  # AWE switches on at chunk 3
 
 # ---------------------------------------------------------------------------------------------
 # Configs.
-
-def tiny(**memory) -> ModelConfig:
-  base = ModelConfig.from_preset("tiny")
-  return dataclasses.replace(base, memory=dataclasses.replace(base.memory, **memory))
-
 
 def wan12(**memory) -> ModelConfig:
   """12 heads x 128 head_dim (the real attention geometry) on a 4 x 4 token grid (48 tokens a chunk)."""

@@ -1,19 +1,13 @@
 """Block selection: query-shared scores, Adaptive Window Exclusion, top-k ties and -1 padding."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omnimem_jax.config import ModelConfig
+from tests.configs import tiny
 from omnimem_jax.memory import select, store
-
-
-def tiny(**memory):
-  base = ModelConfig.from_preset("tiny")
-  return dataclasses.replace(base, memory=dataclasses.replace(base.memory, **memory))
 
 
 def filled_slot_chunk(config, last_chunk):

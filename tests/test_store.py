@@ -1,19 +1,13 @@
 """KV store: allocation, ring slots, writes, pooling, last-write-wins, eviction."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omnimem_jax.config import ModelConfig
+from tests.configs import tiny
 from omnimem_jax.memory import store
-
-
-def tiny(**memory):
-  base = ModelConfig.from_preset("tiny")
-  return dataclasses.replace(base, memory=dataclasses.replace(base.memory, **memory))
 
 
 def random_chunk(config, rng, batch=2):

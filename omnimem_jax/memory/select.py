@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from omnimem_jax.config import ModelConfig
+from omnimem_jax.memory.store import holds_chunks_through
 
 
 def group_mean_queries(q: Float[Array, "b h n d"], group_size: int) -> Float[Array, "b h g d"]:
@@ -38,7 +39,7 @@ def candidate_blocks(slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Ar
   last = chunk_index - memory.exclude_window_chunks
   if memory.progressive_exclude:
     last = jnp.where(chunk_index < memory.exclude_window_chunks, chunk_index, last)
-  slot_ok = (slot_chunk >= 0) & (slot_chunk <= last)
+  slot_ok = holds_chunks_through(slot_chunk, last)
   return jnp.repeat(slot_ok, config.blocks_per_chunk, total_repeat_length=slot_chunk.shape[0] * config.blocks_per_chunk)
 
 

@@ -14,7 +14,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from omnimem_jax.config import MemoryConfig, ModelConfig
 
@@ -63,6 +63,11 @@ def assign_slot(slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Array, 
                 memory: MemoryConfig) -> Int[Array, " slots"]:
   """The slot table once chunk c owns its slot (evicting the chunk held there). Idempotent."""
   return slot_chunk.at[slot_of_chunk(chunk_index, memory)].set(jnp.asarray(chunk_index, jnp.int32))
+
+
+def holds_chunks_through(slot_chunk: Int[Array, " slots"], last_chunk: int | Int[Array, ""]) -> Bool[Array, " slots"]:
+  """Which slots hold one of the chunks 0..last_chunk (chunks newer than last_chunk are not history)."""
+  return (slot_chunk >= 0) & (slot_chunk <= last_chunk)
 
 
 def check_layer(layer: LayerKV, config: ModelConfig) -> None:

@@ -27,7 +27,8 @@ from jaxtyping import Array, Bool, Float, Int
 from kernels.selection_attention import api as selection_api
 from omnimem_jax.config import MemoryConfig, ModelConfig
 from omnimem_jax.memory.select import select_blocks
-from omnimem_jax.memory.store import LayerKV, assign_slot, check_layer, slot_of_chunk, write_chunk
+from omnimem_jax.memory.store import (LayerKV, assign_slot, check_layer, holds_chunks_through, slot_of_chunk,
+                                      write_chunk)
 
 GATE_ORDER = ("cmp", "slc", "swa")
 GATE_CLIP = 10.0
@@ -70,7 +71,7 @@ def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[
   tokens = layer.k.shape[3]
   if chunk_ids is None:  # every slot, in place
     keys, values = layer.k, layer.v
-    resident = (slot_chunk >= 0) & (slot_chunk <= chunk_index)
+    resident = holds_chunks_through(slot_chunk, chunk_index)
   else:
     slots = slot_of_chunk(jnp.maximum(chunk_ids, 0), memory)
     resident = (chunk_ids >= 0) & (chunk_ids <= chunk_index) & (slot_chunk[slots] == chunk_ids)
@@ -85,7 +86,7 @@ def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk:
                          chunk_index: Int[Array, ""]) -> Float[Array, "b n h d"]:
   """Dense attention over the pooled K/V of every stored chunk 0..c (current chunk included)."""
   blocks_per_chunk = layer.k_pooled.shape[2] // slot_chunk.shape[0]
-  stored = (slot_chunk >= 0) & (slot_chunk <= chunk_index)
+  stored = holds_chunks_through(slot_chunk, chunk_index)
   mask = jnp.repeat(stored, blocks_per_chunk, total_repeat_length=layer.k_pooled.shape[2])
   return _masked_attention(q, layer.k_pooled, layer.v_pooled, mask)
 

@@ -22,25 +22,25 @@ def _check(x: jax.Array, grid: tuple[int, int, int], block: tuple[int, int]) -> 
     raise ValueError(f"block {block} does not tile the token grid {height}x{width}")
 
 
+def _swap_block_axes(x: jax.Array, grid: tuple[int, int, int], middle: tuple[int, int, int, int]) -> jax.Array:
+  """Views each frame's tokens as `middle` (4 axes), swaps the inner two, and flattens back."""
+  feat = x.shape[2:]
+  x = x.reshape(x.shape[0], grid[0], *middle, *feat)
+  x = x.transpose(0, 1, 2, 4, 3, 5, *range(6, x.ndim))
+  return x.reshape(x.shape[0], grid[0] * grid[1] * grid[2], *feat)
+
+
 def to_block_order(x: Shaped[Array, "b n *feat"], grid: tuple[int, int, int],
                    block: tuple[int, int]) -> Shaped[Array, "b n *feat"]:
   """Raster (f, h, w) token order -> block order (f, H', W', hs, ws)."""
   _check(x, grid, block)
-  frames, height, width = grid
-  block_h, block_w = block
-  feat = x.shape[2:]
-  x = x.reshape(x.shape[0], frames, height // block_h, block_h, width // block_w, block_w, *feat)
-  x = x.transpose(0, 1, 2, 4, 3, 5, *range(6, x.ndim))
-  return x.reshape(x.shape[0], frames * height * width, *feat)
+  (_, height, width), (block_h, block_w) = grid, block
+  return _swap_block_axes(x, grid, (height // block_h, block_h, width // block_w, block_w))
 
 
 def from_block_order(x: Shaped[Array, "b n *feat"], grid: tuple[int, int, int],
                      block: tuple[int, int]) -> Shaped[Array, "b n *feat"]:
   """Block order (f, H', W', hs, ws) -> raster (f, h, w) token order; inverse of `to_block_order`."""
   _check(x, grid, block)
-  frames, height, width = grid
-  block_h, block_w = block
-  feat = x.shape[2:]
-  x = x.reshape(x.shape[0], frames, height // block_h, width // block_w, block_h, block_w, *feat)
-  x = x.transpose(0, 1, 2, 4, 3, 5, *range(6, x.ndim))
-  return x.reshape(x.shape[0], frames * height * width, *feat)
+  (_, height, width), (block_h, block_w) = grid, block
+  return _swap_block_axes(x, grid, (height // block_h, width // block_w, block_h, block_w))
