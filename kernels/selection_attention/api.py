@@ -1,8 +1,8 @@
 """Public entry point of selection attention, dispatching over backends by preference list.
 
-Backends are tried in order; one that cannot handle the request raises `NotImplementedError` and the
-next is tried (the tokamax pattern). Only the XLA reference exists so far; the Pallas backends
-(mosaic_gpu, triton, mosaic_tpu) register here as they land.
+Backends are tried in order; one that cannot handle the request (wrong platform, shape or dtype)
+raises `NotImplementedError` and the next is tried (the tokamax pattern). Each Pallas backend module
+is imported on first use, so a missing or broken backend never stops the others.
 """
 
 from __future__ import annotations
@@ -24,14 +24,50 @@ def _xla(q, k_blocks, v_blocks, ids, *, scale, interpret):
   return reference.selection_attention(q, k_blocks, v_blocks, ids, scale=scale)
 
 
-IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {"xla": _xla}
+def _triton(q, k_blocks, v_blocks, ids, *, scale, interpret):
+  if not interpret and jax.default_backend() != "gpu":
+    raise NotImplementedError("pallas triton runs on GPUs (or with interpret=True)")
+  from kernels.selection_attention import pallas_triton
+  return pallas_triton.selection_attention(q, k_blocks, v_blocks, ids, scale=scale, interpret=interpret)
 
-_PREFERENCES: dict[str, tuple[str, ...]] = {"gpu": ("xla",), "tpu": ("xla",), "cpu": ("xla",)}
+
+def _mosaic_gpu(q, k_blocks, v_blocks, ids, *, scale, interpret):
+  if interpret:
+    raise NotImplementedError("pallas mosaic_gpu has no CPU interpret mode here; its CPU twin is 'triton'")
+  if jax.default_backend() != "gpu":
+    raise NotImplementedError("pallas mosaic_gpu runs on NVIDIA Hopper GPUs")
+  from kernels.selection_attention import pallas_mosaic_gpu
+  return pallas_mosaic_gpu.selection_attention(q, k_blocks, v_blocks, ids, scale=scale)
+
+
+def _mosaic_tpu(q, k_blocks, v_blocks, ids, *, scale, interpret):
+  from kernels.selection_attention import pallas_mosaic_tpu
+  return pallas_mosaic_tpu.selection_attention(q, k_blocks, v_blocks, ids, scale=scale, interpret=interpret)
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
+    "xla": _xla, "triton": _triton, "mosaic_gpu": _mosaic_gpu, "mosaic_tpu": _mosaic_tpu}
+
+_PREFERENCES: dict[str, tuple[str, ...]] = {
+    "gpu_hopper": ("mosaic_gpu", "triton", "xla"),
+    "gpu": ("triton", "xla"),
+    "tpu": ("mosaic_tpu", "xla"),
+    "cpu": ("xla",),
+}
+
+
+def _is_hopper() -> bool:
+  device = jax.devices()[0]
+  return getattr(device, "compute_capability", "") == "9.0"
 
 
 def default_implementations(platform: str | None = None) -> tuple[str, ...]:
-  """Backends tried, in order, on `platform` (default: JAX's default backend)."""
-  platform = jax.default_backend() if platform is None else platform
+  """Backends tried, in order, on `platform` (default: JAX's default backend; "gpu" on a Hopper GPU
+  means "gpu_hopper")."""
+  if platform is None:
+    platform = jax.default_backend()
+    if platform == "gpu" and _is_hopper():
+      platform = "gpu_hopper"
   return _PREFERENCES.get(platform, ("xla",))
 
 

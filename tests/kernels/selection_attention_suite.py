@@ -57,8 +57,16 @@ SHAPES = {
     # batch, heads, groups, group_size, num_blocks, block_tokens, head_dim, top_k
     "tiny": (2, 3, 6, 2, 12, 4, 16, 4),
     "real_tiles": (1, 2, 4, 15, 10, 30, 128, 6),  # 15-query groups, 30-token blocks, d=128
-    "more_slots_than_blocks": (1, 1, 2, 4, 3, 8, 8, 5),
+    "more_slots_than_blocks": (1, 1, 2, 4, 3, 8, 16, 5),
+    "twelve_heads": (1, 12, 2, 15, 20, 30, 128, 16),  # the real head count and top-k, few groups
 }
+
+
+def relative_error(out, expected) -> float:
+  """||out - expected|| / ||expected|| over finite entries."""
+  out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
+  finite = np.isfinite(expected)
+  return float(np.linalg.norm(out[finite] - expected[finite]) / np.linalg.norm(expected[finite]))
 
 
 class SelectionAttentionSuite:
@@ -80,6 +88,13 @@ class SelectionAttentionSuite:
     np.testing.assert_allclose(np.asarray(out), expected_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(lse), expected_lse, rtol=1e-5, atol=1e-5)
 
+  def test_f32_relative_error(self):
+    inputs = make_inputs(6, *SHAPES["twelve_heads"])
+    out, lse = self.run(*inputs)
+    expected_out, expected_lse = oracle(*inputs)
+    assert relative_error(out, expected_out) < 1e-5 and relative_error(lse, expected_lse) < 1e-5
+    assert np.array_equal(np.isneginf(np.asarray(lse)), np.isneginf(expected_lse))
+
   def test_empty_group_gives_zero_output_and_minus_inf_lse(self):
     q, k_blocks, v_blocks, ids = make_inputs(3, *SHAPES["tiny"])
     ids[:] = -1
@@ -97,6 +112,8 @@ class SelectionAttentionSuite:
     expected_out, expected_lse = oracle(*inputs)
     np.testing.assert_allclose(np.asarray(out, np.float32), expected_out, rtol=3e-2, atol=3e-2)
     np.testing.assert_allclose(np.asarray(lse), expected_lse, rtol=3e-2, atol=3e-2)
+    rounded = [np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (q, k_blocks, v_blocks)]
+    assert relative_error(out, oracle(*rounded, ids)[0]) < 1e-2
 
   def test_out_of_range_ids_raise_under_check(self):
     q, k_blocks, v_blocks, ids = make_inputs(5, *SHAPES["tiny"])

@@ -36,7 +36,7 @@ def test_dispatch_falls_through_on_not_implemented(monkeypatch):
 
 def test_unknown_implementation_is_refused():
   inputs = map(jnp.asarray, make_inputs(0, *SHAPES["tiny"]))
-  with pytest.raises(ValueError, match=r"unknown selection_attention implementation\(s\) \['cuda'\]; known: \['xla'\]"):
+  with pytest.raises(ValueError, match=r"unknown selection_attention implementation\(s\) \['cuda'\]; known: \['mosaic_gpu', 'mosaic_tpu', 'triton', 'xla'\]"):
     api.selection_attention(*inputs, implementation="cuda")
 
 
