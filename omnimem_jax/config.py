@@ -170,6 +170,25 @@ class ModelConfig:
       raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-ready fields (the memory config nested), the inverse of `from_dict`."""
+    fields = dataclasses.asdict(self)
+    fields["patch_size"] = list(self.patch_size)
+    return fields
+
+  @classmethod
+  def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:
+    """A config from `to_dict` output (e.g. a checkpoint's JSON); unknown fields are an error."""
+    fields = dict(fields)
+    memory = dict(fields.pop("memory", {}))
+    for name, known, given in (("ModelConfig", cls, fields), ("MemoryConfig", MemoryConfig, memory)):
+      unknown = sorted(set(given) - {f.name for f in dataclasses.fields(known)})
+      if unknown:
+        raise ValueError(f"unknown {name} field(s) {unknown}")
+    if "patch_size" in fields:
+      fields["patch_size"] = tuple(fields["patch_size"])
+    return cls(**fields, memory=MemoryConfig(**memory))
+
   @property
   def head_dim(self) -> int:
     return self.dim // self.num_heads

@@ -1,0 +1,146 @@
+"""Orbax checkpoints of converted weights: a directory holding `params/` (an Orbax pytree of the NNX
+state as a pure dict) and `omnimem.json` (what kind of model, its config, and notes such as whether
+the gates were freshly initialised).
+
+Saving writes to a temporary sibling directory and renames it into place, so an interrupted save
+never leaves a half-written checkpoint and never damages an existing one. Restoring builds the model
+abstractly (`nnx.eval_shape`: no memory, no compute), attaches a sharding to every parameter, and lets
+Orbax place each array straight onto its devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from omnimem_jax import sharding
+
+METADATA_FILE = "omnimem.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any], metadata: Mapping[str, Any], *,
+                    overwrite: bool = False) -> Path:
+  """Writes `params` (a nested dict of arrays, e.g. `nnx.to_pure_dict(state)`) and JSON `metadata`.
+
+  `metadata` must hold a "kind" (e.g. "wan_dit") and a "config" dict. An existing `directory` is
+  replaced only with `overwrite=True`, and only once the new checkpoint is complete.
+  """
+  directory = Path(directory).absolute()
+  if "kind" not in metadata or "config" not in metadata:
+    raise ValueError(f"checkpoint metadata needs 'kind' and 'config' entries, got {sorted(metadata)}")
+  if directory.exists() and not overwrite:
+    raise FileExistsError(f"{directory} already exists; choose another output path or pass overwrite=True "
+                          "(--overwrite)")
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+  try:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(staging / PARAMS_DIR, dict(params))
+    checkpointer.wait_until_finished()
+    record = {"format_version": FORMAT_VERSION, **metadata}
+    (staging / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if directory.exists():
+      retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+      directory.rename(retired)
+      staging.rename(directory)
+      shutil.rmtree(retired)
+    else:
+      staging.rename(directory)
+  finally:
+    if staging.exists():
+      shutil.rmtree(staging)
+  return directory
+
+
+def read_metadata(directory: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+  """The JSON record of a checkpoint; with `kind`, refuses a checkpoint of another kind."""
+  directory = Path(directory)
+  path = directory / METADATA_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{directory} is not an OmniMem-JAX checkpoint (no {METADATA_FILE}); convert "
+                            "PyTorch weights first with experiments/convert_checkpoint.py")
+  record = json.loads(path.read_text())
+  if kind is not None and record.get("kind") != kind:
+    raise ValueError(f"{directory} holds a {record.get('kind')!r} checkpoint, expected {kind!r}")
+  return record
+
+
+def saved_param_names(directory: str | os.PathLike) -> set[tuple[str, ...]]:
+  """Paths of every array stored in the checkpoint's params."""
+  metadata = ocp.StandardCheckpointer().metadata(Path(directory).absolute() / PARAMS_DIR)
+  tree = metadata.item_metadata.tree
+  return {tuple(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def restore_params(directory: str | os.PathLike, target: Mapping[str, Any]) -> dict[str, Any]:
+  """Restores the arrays named in `target` (a pure dict of `jax.ShapeDtypeStruct`, with shardings to
+  place them on devices), cast to the target dtypes."""
+  return ocp.StandardCheckpointer().restore(Path(directory).absolute() / PARAMS_DIR, dict(target))
+
+
+def restore_module(directory: str | os.PathLike, create: Callable[[], nnx.Module], *, mesh: Mesh | None = None,
+                   rules: Mapping[str, str | None] = sharding.LOGICAL_RULES,
+                   fill_missing: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                   ignore: Callable[[tuple[str, ...]], bool] | None = None) -> nnx.Module:
+  """Builds `create()` abstractly and fills it from the checkpoint.
+
+  Args:
+    directory: a checkpoint written by `save_checkpoint`.
+    create: builds the module (called under `nnx.eval_shape`, so it allocates nothing).
+    mesh: place every parameter with the sharding its logical axis names map to under `rules`; default
+      the first local device.
+    rules: logical axis name -> mesh axis.
+    fill_missing: given the pure dict of abstract parameters the checkpoint lacks, returns their
+      values (e.g. freshly initialised gates); without it, missing parameters are an error.
+    ignore: saved parameter paths the module does not use (left unread instead of an error).
+  """
+  abstract = nnx.eval_shape(create)
+  graphdef, state = nnx.split(abstract)
+  mesh = Mesh(jax.local_devices()[:1], ("data",)) if mesh is None else mesh
+  shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
+  target = jax.tree.map(lambda var, shard: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shard),
+                        nnx.to_pure_dict(state), shardings)
+  flat_target = dict(_flatten(target))
+  saved = {path for path in saved_param_names(directory) if ignore is None or not ignore(path)}
+  missing = {path: value for path, value in flat_target.items() if path not in saved}
+  unexpected = sorted(".".join(path) for path in saved - set(flat_target))
+  if unexpected or (missing and fill_missing is None):
+    raise ValueError(f"checkpoint {directory} does not match the model: missing "
+                     f"{sorted('.'.join(p) for p in missing)}, unexpected {unexpected}")
+  restored = dict(_flatten(restore_params(directory, _unflatten(
+      {path: value for path, value in flat_target.items() if path not in missing}))))
+  if missing:
+    filled = dict(_flatten(fill_missing(_unflatten(missing))))
+    restored.update({path: jax.device_put(filled[path], flat_target[path].sharding) for path in missing})
+  nnx.replace_by_pure_dict(state, _unflatten(restored))
+  return nnx.merge(graphdef, state)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+  items = []
+  for key, value in tree.items():
+    path = (*prefix, str(key))
+    items.extend(_flatten(value, path) if isinstance(value, Mapping) else [(path, value)])
+  return items
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
