@@ -46,9 +46,8 @@ def save_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any], met
   directory.parent.mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
   try:
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(staging / PARAMS_DIR, dict(params))
-    checkpointer.wait_until_finished()
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:  # synchronous: done when it returns
+      checkpointer.save(staging / PARAMS_DIR, args=ocp.args.StandardSave(dict(params)))
     record = {"format_version": FORMAT_VERSION, **metadata}
     (staging / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     if directory.exists():
@@ -87,7 +86,11 @@ def saved_param_names(directory: str | os.PathLike) -> set[tuple[str, ...]]:
 def restore_params(directory: str | os.PathLike, target: Mapping[str, Any]) -> dict[str, Any]:
   """Restores the arrays named in `target` (a pure dict of `jax.ShapeDtypeStruct`, with shardings to
   place them on devices), cast to the target dtypes."""
-  return ocp.StandardCheckpointer().restore(Path(directory).absolute() / PARAMS_DIR, dict(target))
+  target = dict(target)
+  args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)  # saved arrays absent from target stay on disk
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(Path(directory).absolute() / PARAMS_DIR, args=args)
 
 
 def restore_module(directory: str | os.PathLike, create: Callable[[], nnx.Module], *, mesh: Mesh | None = None,

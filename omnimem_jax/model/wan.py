@@ -130,10 +130,10 @@ class Attention(nnx.Module):
                           kernel_init=gate_kernel_init) if with_gates else None
 
   def queries(self, x: jax.Array) -> jax.Array:
-    return _heads(rms_norm(self.q(x), self.norm_q.value, self.eps), self.num_heads)
+    return _heads(rms_norm(self.q(x), self.norm_q[...], self.eps), self.num_heads)
 
   def keys_values(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _heads(rms_norm(self.k(x), self.norm_k.value, self.eps), self.num_heads), _heads(self.v(x), self.num_heads)
+    return _heads(rms_norm(self.k(x), self.norm_k[...], self.eps), self.num_heads), _heads(self.v(x), self.num_heads)
 
   def gate_logits(self, x: jax.Array) -> jax.Array | None:
     return None if self.g_proj is None else _heads(self.g_proj(x), self.num_heads)
@@ -161,7 +161,7 @@ class WanBlock(nnx.Module):
   def __call__(self, x: Float[Array, "b n dim"], e0: Float[Array, "b 6 dim"], cos: jax.Array, sin: jax.Array,
                cross: tuple[jax.Array, jax.Array], attend: AttendFn, layer_input: Any) -> tuple[jax.Array, Any]:
     shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = jnp.unstack(
-        self.modulation.value.astype(jnp.float32)[None] + e0, axis=1)
+        self.modulation[...].astype(jnp.float32)[None] + e0, axis=1)
     modulate = lambda y, shift, scale: (layer_norm(y, self.eps) * (1 + scale[:, None]) + shift[:, None])  # noqa: E731
 
     x_sa = modulate(x, shift_sa, scale_sa).astype(self.dtype)
@@ -170,7 +170,7 @@ class WanBlock(nnx.Module):
     attended, layer_output = attend(q, k, v, self.self_attn.gate_logits(x_sa), layer_input)
     x = x + self.self_attn.project_out(attended).astype(jnp.float32) * gate_sa[:, None]
 
-    x_ca = layer_norm(x, self.eps, self.norm_cross_scale.value, self.norm_cross_bias.value).astype(self.dtype)
+    x_ca = layer_norm(x, self.eps, self.norm_cross_scale[...], self.norm_cross_bias[...]).astype(self.dtype)
     cross_k, cross_v = cross
     q = self.cross_attn.queries(x_ca)
     attended = jax.nn.dot_product_attention(q, cross_k.astype(q.dtype), cross_v.astype(q.dtype))
@@ -276,7 +276,7 @@ class CausalWanModel(nnx.Module):
   def _unembed(self, x: jax.Array, e: jax.Array, frames: int) -> Float[Array, "b c f h w"]:
     """Head (2-row modulation with e, not e0) and unpatchify back to [B, C, F, H, W], float32."""
     c = self.config
-    shift, scale = jnp.unstack(self.head_modulation.value.astype(jnp.float32)[None] + e[:, None], axis=1)
+    shift, scale = jnp.unstack(self.head_modulation[...].astype(jnp.float32)[None] + e[:, None], axis=1)
     y = self.head((layer_norm(x, c.eps) * (1 + scale[:, None]) + shift[:, None]).astype(self.dtype))
     y = from_block_order(y.astype(jnp.float32), (frames, c.grid_h, c.grid_w), (c.memory.block_h, c.memory.block_w))
     pt, ph, pw = c.patch_size
