@@ -1,0 +1,98 @@
+"""mp4 output through imageio-ffmpeg (`pip install 'omnimem-jax[video]'`), H.264 yuv420p at 16 fps.
+
+Frames go to a temporary name in the target directory and are renamed into place when the file is
+complete, so an interrupted run never leaves a truncated video under the final name. `Mp4Writer`
+takes frames chunk by chunk as a streaming rollout decodes them; `write_mp4` writes a whole video.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from jaxtyping import UInt8
+
+FPS = 16  # Wan2.1's frame rate
+
+
+def _imageio_ffmpeg() -> Any:
+  try:
+    import imageio_ffmpeg  # noqa: PLC0415 (optional dependency)
+  except ImportError as err:
+    raise ImportError("writing mp4 files needs imageio-ffmpeg: pip install 'omnimem-jax[video]'") from err
+  return imageio_ffmpeg
+
+
+class Mp4Writer:
+  """Streams uint8 RGB frames `[T, H, W, 3]` into an mp4 file.
+
+  Usage:
+    with Mp4Writer("out.mp4", height=480, width=832) as writer:
+      for chunk in chunks:
+        writer.write(frames_of(chunk))   # [T, 480, 832, 3] uint8
+  The file appears under its name when the block exits without an exception.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, height: int, width: int, fps: float = FPS, quality: float = 8.0):
+    if height % 2 or width % 2 or height < 2 or width < 2:
+      raise ValueError(f"H.264 yuv420p needs even frame sizes, got {height}x{width}")
+    if fps <= 0:
+      raise ValueError(f"fps must be positive, got {fps}")
+    self.path = Path(path)
+    if self.path.suffix.lower() != ".mp4":
+      raise ValueError(f"expected an .mp4 path, got {self.path}")
+    self.height, self.width, self.frames = height, width, 0
+    self._partial = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}.mp4")
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._gen = _imageio_ffmpeg().write_frames(str(self._partial), (width, height), fps=fps, quality=quality,
+                                               macro_block_size=1, pix_fmt_in="rgb24", pix_fmt_out="yuv420p")
+    self._gen.send(None)
+
+  def write(self, frames: UInt8[np.ndarray, "t h w 3"]) -> None:
+    """Appends frames (uint8, `[T, H, W, 3]` at the writer's size, or one `[H, W, 3]` frame)."""
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+      frames = frames[None]
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
+      raise ValueError(f"frames must be uint8 [T, {self.height}, {self.width}, 3], got {frames.dtype} "
+                       f"{frames.shape} (convert with omnimem_jax.model.vae.to_uint8)")
+    for frame in frames:
+      self._gen.send(np.ascontiguousarray(frame))
+    self.frames += len(frames)
+
+  def close(self) -> Path:
+    """Finishes the file and renames it into place; returns its path."""
+    self._gen.close()
+    if self.frames == 0:
+      self._partial.unlink(missing_ok=True)
+      raise ValueError(f"no frames were written to {self.path}")
+    os.replace(self._partial, self.path)
+    return self.path
+
+  def abort(self) -> None:
+    """Stops writing and removes the partial file."""
+    self._gen.close()
+    self._partial.unlink(missing_ok=True)
+
+  def __enter__(self) -> Mp4Writer:
+    return self
+
+  def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+               tb: TracebackType | None) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+
+def write_mp4(path: str | os.PathLike, frames: UInt8[np.ndarray, "t h w 3"], fps: float = FPS) -> Path:
+  """Writes uint8 RGB frames `[T, H, W, 3]` to an mp4 at `fps` (default 16); returns the path."""
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+    raise ValueError(f"frames must be a non-empty uint8 [T, H, W, 3] array, got {frames.dtype} {frames.shape}")
+  with Mp4Writer(path, height=frames.shape[1], width=frames.shape[2], fps=fps) as writer:
+    writer.write(frames)
+  return Path(path)
