@@ -7,8 +7,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from omnimem_jax.convert import umt5
+from omnimem_jax.convert import umt5, wan_vae
 from omnimem_jax.convert.state_dict import load_state_dict
 from omnimem_jax.model import text
 from omnimem_jax.model.text import TextEncoderConfig
@@ -154,3 +155,14 @@ def test_missing_tokenizer_files(tmp_path):
 
 def test_clean_prompt():
   assert text.clean_prompt("  a  big\n\tred dog &amp;amp; cat ") == "a big red dog & cat"
+
+
+def test_orbax_round_trip(tmp_path, config, encoder):
+  output = umt5.convert_checkpoint(FIXTURES / "umt5_tiny_wan.safetensors", tmp_path / "t5", config)
+  restored = umt5.restore_text_encoder(output)
+  for name in ("token_embedding", "final_norm"):
+    np.testing.assert_array_equal(getattr(restored, name)[...], getattr(encoder, name)[...])
+  for name, value in nnx.to_pure_dict(nnx.state(restored.layers, nnx.Param)).items():
+    np.testing.assert_array_equal(value, getattr(encoder.layers, name)[...])
+  with pytest.raises(ValueError, match="expected 'wan_vae'"):
+    wan_vae.restore_vae(output)

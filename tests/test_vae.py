@@ -138,3 +138,14 @@ def test_real_config_parameter_count():
 
   assert count(abstract) == 126_892_531
   assert count(abstract.decoder) + count(abstract.post_quant_conv) == 73_295_603
+
+
+def test_orbax_round_trip(tmp_path, config, vae):
+  output = wan_vae.convert_checkpoint(FIXTURES / "vae_tiny_original.safetensors", tmp_path / "vae", config)
+  restored = wan_vae.restore_vae(output)
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(restored, nnx.Param)),
+               nnx.to_pure_dict(nnx.state(vae, nnx.Param)))
+  with pytest.raises(FileExistsError):
+    wan_vae.convert_checkpoint(FIXTURES / "vae_tiny_original.safetensors", output, config)
+  with pytest.raises(ValueError, match=r"not a Wan 2\.1 VAE"):
+    wan_vae.convert_checkpoint(FIXTURES / "umt5_tiny_hf.safetensors", tmp_path / "other", config)

@@ -16,8 +16,11 @@ layer axis, as `UMT5Layers` holds them.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,8 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omnimem_jax.convert.state_dict import check_names_and_shapes, linear_kernel
+from omnimem_jax import checkpoints
+from omnimem_jax.convert.state_dict import check_names_and_shapes, linear_kernel, load_state_dict
 from omnimem_jax.model.text import TextEncoderConfig, UMT5Encoder
+
+CHECKPOINT_KIND = "umt5_encoder"
 
 # per-layer name (HF suffix after `encoder.block.{i}.`, Wan suffix after `blocks.{i}.`) -> UMT5Layers field
 _HF_LAYER = {"layer.0.layer_norm.weight": "attn_norm", "layer.0.SelfAttention.q.weight": "q",
@@ -121,3 +127,27 @@ def text_encoder_from_state_dict(state: Mapping[str, np.ndarray], config: TextEn
   graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: UMT5Encoder(config, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(abstract_state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, abstract_state)
+
+
+def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, config: TextEncoderConfig, *,
+                       overwrite: bool = False) -> Path:
+  """Reads a umT5 encoder checkpoint (HF safetensors or Wan .pth), converts it for `config` (its
+  param_dtype is the stored dtype) and writes an Orbax checkpoint to `output`. Returns the output path."""
+  if Path(output).exists() and not overwrite:
+    raise FileExistsError(f"{output} already exists; choose another output path or pass overwrite=True (--overwrite)")
+  state = load_state_dict(checkpoint)
+  layout = detect_layout(state)
+  params = text_encoder_params(state, config)
+  metadata = {"kind": CHECKPOINT_KIND, "config": config.to_dict(), "layout": layout, "source": Path(checkpoint).name}
+  return checkpoints.save_checkpoint(output, params, metadata, overwrite=overwrite)
+
+
+def restore_text_encoder(directory: str | os.PathLike, *, dtype: str | None = None,
+                         mesh: jax.sharding.Mesh | None = None) -> UMT5Encoder:
+  """A `UMT5Encoder` restored from `convert_checkpoint` output; `dtype` overrides the activation
+  dtype; `mesh` shards the parameters by their logical axis names (heads, mlp on "model")."""
+  record = checkpoints.read_metadata(directory, CHECKPOINT_KIND)
+  config = TextEncoderConfig.from_dict(record["config"])
+  if dtype is not None:
+    config = dataclasses.replace(config, dtype=dtype)
+  return checkpoints.restore_module(directory, lambda: UMT5Encoder(config, rngs=nnx.Rngs(0)), mesh=mesh)

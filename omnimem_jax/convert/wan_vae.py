@@ -16,8 +16,11 @@ and transposed to channel-last: Conv3d `[o, i, t, h, w] -> [t, h, w, i, o]`, Con
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,8 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omnimem_jax.convert.state_dict import StateDict, check_names_and_shapes, conv_kernel
+from omnimem_jax import checkpoints
+from omnimem_jax.convert.state_dict import StateDict, check_names_and_shapes, conv_kernel, load_state_dict
 from omnimem_jax.model.vae import VAEConfig, WanVAE
+
+CHECKPOINT_KIND = "wan_vae"
 
 _ORIGINAL_RESIDUAL = {"residual.0.gamma": "norm1.gamma", "residual.2.weight": "conv1.weight",
                       "residual.2.bias": "conv1.bias", "residual.3.gamma": "norm2.gamma",
@@ -161,3 +167,27 @@ def vae_from_state_dict(state: Mapping[str, np.ndarray], config: VAEConfig) -> W
   graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(abstract_state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, abstract_state)
+
+
+def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, config: VAEConfig, *,
+                       overwrite: bool = False) -> Path:
+  """Reads a VAE checkpoint (diffusers safetensors or original .pth), converts it for `config` (its
+  param_dtype is the stored dtype) and writes an Orbax checkpoint to `output`. Returns the output path."""
+  if Path(output).exists() and not overwrite:
+    raise FileExistsError(f"{output} already exists; choose another output path or pass overwrite=True (--overwrite)")
+  state = load_state_dict(checkpoint)
+  layout = detect_layout(state)
+  params = vae_params(state, config)
+  metadata = {"kind": CHECKPOINT_KIND, "config": config.to_dict(), "layout": layout, "source": Path(checkpoint).name}
+  return checkpoints.save_checkpoint(output, params, metadata, overwrite=overwrite)
+
+
+def restore_vae(directory: str | os.PathLike, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None
+                ) -> WanVAE:
+  """A `WanVAE` restored from `convert_checkpoint` output; `dtype` overrides the activation dtype
+  (e.g. "bfloat16" for a faster decode), `mesh` places the (replicated) parameters."""
+  record = checkpoints.read_metadata(directory, CHECKPOINT_KIND)
+  config = VAEConfig.from_dict(record["config"])
+  if dtype is not None:
+    config = dataclasses.replace(config, dtype=dtype)
+  return checkpoints.restore_module(directory, lambda: WanVAE(config, rngs=nnx.Rngs(0)), mesh=mesh)
