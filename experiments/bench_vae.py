@@ -1,0 +1,164 @@
+r"""Times the streaming Wan 2.1 VAE decode of one DiT chunk (3 latent frames -> 12 video frames) at
+480x832, with random weights at the real VAE config, and writes JSON.
+
+For each dtype: the first chunk (latent frames 0..2 from a zero cache -> 9 frames) and a steady
+chunk (3 latent frames, carried cache -> 12 frames), each a jitted `decode_chunk` call with the
+cache donated; median / min / max over `--iters` calls, compile time, XLA's FLOP and byte counts of
+the call, the floor (FLOPs over the measured bf16 matmul rate, bytes over the measured copy
+bandwidth: the larger), the feature-cache size, and how far bf16 frames are from float32 frames on
+the same weights.
+
+  python experiments/bench_vae.py --output=benchmarks/results/vae_decode_h100.json
+  python experiments/bench_vae.py --preset=tiny --latent_height=4 --latent_width=6 --output=/tmp/vae.json
+"""
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from omnimem_jax.model.vae import VAEConfig, WanVAE, count_parameters, video_frames
+
+_PRESET = flags.DEFINE_enum("preset", "wan2.1", ["wan2.1", "tiny"], "VAE config.")
+_DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Activation (and parameter) dtypes to time.")
+_LATENT_HEIGHT = flags.DEFINE_integer("latent_height", 60, "Latent height (480 / 8).")
+_LATENT_WIDTH = flags.DEFINE_integer("latent_width", 104, "Latent width (832 / 8).")
+_CHUNK = flags.DEFINE_integer("frames_per_chunk", 3, "Latent frames per chunk.")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed steady-chunk calls per dtype.")
+_FIRST_ITERS = flags.DEFINE_integer("first_iters", 3, "Timed first-chunk calls per dtype.")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON output path.", required=True)
+
+
+def _timed(fn, *args, iters: int) -> tuple[list[float], object]:
+  """Runs fn(*args) `iters` times after one warm-up; returns wall times (synchronised) and the last output."""
+  out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - start)
+  return times, out
+
+
+def matmul_tflops(size: int = 8192, iters: int = 20) -> float:
+  """Measured bf16 matmul rate (random data, after warm-up)."""
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (size, size), jnp.bfloat16)
+  times, _ = _timed(jax.jit(lambda a, b: a @ b), a, b, iters=iters)
+  return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def copy_gbps(mib: int = 2048, iters: int = 20) -> float:
+  """Measured device copy bandwidth (bytes read + written)."""
+  x = jax.random.normal(jax.random.key(2), (mib * 2**20 // 4,), jnp.float32)
+  times, _ = _timed(jax.jit(lambda x: x * 1.0001), x, iters=iters)
+  return 2 * x.nbytes / statistics.median(times) / 1e9
+
+
+def _stats(times: list[float]) -> dict:
+  return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
+          "iters": len(times)}
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  memory = compiled.memory_analysis()
+  return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+          "temp_bytes": getattr(memory, "temp_size_in_bytes", None)}
+
+
+def bench_dtype(params: dict, base: VAEConfig, dtype: str, latents: jax.Array, peak: float, bandwidth: float
+                ) -> tuple[dict, dict[str, np.ndarray]]:
+  config = dataclasses.replace(base, dtype=dtype, param_dtype=dtype)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda p: p.astype(dtype), params))
+  vae = nnx.merge(graphdef, state)
+  batch, chunk, height, width, _ = latents.shape
+
+  def decode(state, z, cache, first):
+    return nnx.merge(graphdef, state).decode_chunk(z, cache, first=first)
+
+  step = jax.jit(decode, static_argnames="first", donate_argnames="cache")
+  result = {"dtype": dtype, "parameters": count_parameters(vae)}
+  outputs = {}
+  for name, first, iters in (("first_chunk", True, _FIRST_ITERS.value), ("steady_chunk", False, _ITERS.value)):
+    cache = vae.init_decode_cache(batch, height, width)
+    result["cache_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(cache)))
+    start = time.perf_counter()
+    compiled = step.lower(state, latents, cache, first).compile()
+    compile_s = time.perf_counter() - start
+    if not first:  # steady state: the cache carried from chunk 0
+      _, cache = step(state, latents, cache, True)
+    frames, next_cache = compiled(state, latents, cache)  # warm-up
+    jax.block_until_ready(frames)
+    times = []
+    for _ in range(iters):
+      # The first chunk always starts from a fresh zero cache (made outside the timed region); a
+      # steady chunk carries the previous call's cache.
+      cache = jax.block_until_ready(vae.init_decode_cache(batch, height, width)) if first else next_cache
+      start = time.perf_counter()
+      frames, next_cache = compiled(state, latents, cache)
+      jax.block_until_ready(frames)
+      times.append(time.perf_counter() - start)
+    cost = _cost(compiled)
+    floor_ms = 1e3 * max(cost["flops"] / (peak * 1e12), cost["bytes_accessed"] / (bandwidth * 1e9))
+    stats = _stats(times)
+    result[name] = {"video_frames": int(frames.shape[1]), "expected_frames": video_frames(chunk, first=first),
+                    "compile_s": compile_s, **stats, **cost, "floor_ms": floor_ms,
+                    "time_over_floor": stats["median_ms"] / floor_ms if floor_ms else None,
+                    "ms_per_video_frame": stats["median_ms"] / int(frames.shape[1]),
+                    "finite": bool(jnp.isfinite(frames).all())}
+    outputs[name] = np.asarray(frames.astype(jnp.float32))
+    del next_cache, cache
+  return result, outputs
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  base = VAEConfig.from_preset(_PRESET.value)
+  reference = WanVAE(dataclasses.replace(base, dtype="float32", param_dtype="float32"), rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(reference, nnx.Param))
+  del reference
+  shape = (1, _CHUNK.value, _LATENT_HEIGHT.value, _LATENT_WIDTH.value, base.z_dim)
+  latents = jax.random.normal(jax.random.key(3), shape, jnp.float32)
+  peak, bandwidth = matmul_tflops(), copy_gbps()
+  report = {
+      "device": jax.devices()[0].device_kind, "jax": jax.__version__, "backend": jax.default_backend(),
+      "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+      "preset": _PRESET.value, "batch": 1, "latent_shape": list(shape),
+      "video_frame_size": [8 * _LATENT_HEIGHT.value, 8 * _LATENT_WIDTH.value],
+      "weights": "random (lecun normal convs, zero biases, unit gains)",
+      "matmul_peak_tflops_bf16": peak, "copy_bandwidth_gbps": bandwidth, "results": [],
+  }
+  outputs = {}
+  for dtype in _DTYPES.value:  # the JSON is rewritten after each dtype, so a cut-off run keeps what it has
+    result, outputs[dtype] = bench_dtype(params, base, dtype, latents, peak, bandwidth)
+    report["results"].append(result)
+    if "float32" in outputs:
+      for r in report["results"]:
+        for name in ("first_chunk", "steady_chunk"):
+          ref, frames = outputs["float32"][name], outputs[r["dtype"]][name]
+          r[name]["rel_err_vs_float32"] = float(np.linalg.norm(frames - ref) / np.linalg.norm(ref))
+    print(json.dumps(result), flush=True)
+    with open(_OUTPUT.value, "w") as f:
+      json.dump(report, f, indent=2)
+  for r in report["results"]:
+    print(f"{r['dtype']:>9}: first chunk {r['first_chunk']['median_ms']:.1f} ms "
+          f"({r['first_chunk']['video_frames']} frames), steady chunk {r['steady_chunk']['median_ms']:.1f} ms "
+          f"({r['steady_chunk']['video_frames']} frames, floor {r['steady_chunk']['floor_ms']:.1f} ms), "
+          f"rel err vs f32 {r['steady_chunk'].get('rel_err_vs_float32')}")
+  print(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
