@@ -251,3 +251,34 @@ def store_bytes(config: ModelConfig, batch_size: int, bytes_per_element: int = 2
   return elements * bytes_per_element
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Few-step flow-matching schedule of Self-Forcing / LongLive (wan-base-model.md section 2.7).
+
+  Attributes:
+    denoising_steps: training-grid steps, each mapped through the shifted grid when `warp` is set
+      ([1000, 750, 500, 250] -> t = [1000, 937.5, 833.33, 625]).
+    shift: timestep shift of the flow-matching grid (5 for Self-Forcing / LongLive, 8 for CausVid).
+    num_train_timesteps: size of the training grid (1000).
+    warp: map the steps through the shifted grid (Self-Forcing's `warp_denoising_step`).
+    context_timestep: t of the context pass that rewrites the chunk's K/V from its clean latents
+      (0: clean; Self-Forcing's `context_noise`).
+  """
+
+  denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+  shift: float = 5.0
+  num_train_timesteps: int = 1000
+  warp: bool = True
+  context_timestep: float = 0.0
+
+  def __post_init__(self) -> None:
+    _require(len(self.denoising_steps) >= 1 and all(isinstance(s, int) and 0 < s <= self.num_train_timesteps
+                                                    for s in self.denoising_steps), "denoising_steps",
+             f"must be integers in (0, {self.num_train_timesteps}], got {self.denoising_steps!r}")
+    _require(list(self.denoising_steps) == sorted(self.denoising_steps, reverse=True), "denoising_steps",
+             f"must decrease (noisiest first), got {self.denoising_steps!r}")
+    _require(self.shift > 0, "shift", f"must be > 0, got {self.shift}")
+    _require(0 <= self.context_timestep < self.num_train_timesteps, "context_timestep",
+             f"must lie in [0, {self.num_train_timesteps}), got {self.context_timestep}")

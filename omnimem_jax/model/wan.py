@@ -29,6 +29,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from omnimem_jax.config import ModelConfig
+from omnimem_jax.memory import select
 from omnimem_jax.memory.store import KVStore, LayerKV, assign_slot
 from omnimem_jax.model import rope
 from omnimem_jax.model.attention import GATE_ORDER, chunk_self_attention
@@ -297,7 +298,8 @@ class CausalWanModel(nnx.Module):
 
   def __call__(self, latents: Float[Array, "b c f h w"], timestep: Float[Array, " b"], text: CrossKV | jax.Array,
                store: KVStore, chunk_index: int | Int[Array, ""], *,
-               implementation: str | Sequence[str] | None = None) -> tuple[Float[Array, "b c f h w"], KVStore]:
+               implementation: str | Sequence[str] | None = None, retrieval_histogram: bool = False
+               ) -> tuple[Float[Array, "b c f h w"], KVStore] | tuple[Float[Array, "b c f h w"], KVStore, jax.Array]:
     """Velocity of one chunk, and the store with this chunk's K/V written into its slot.
 
     Args:
@@ -308,9 +310,13 @@ class CausalWanModel(nnx.Module):
       chunk_index: absolute chunk index c (traceable: one compilation for the whole rollout). Frames
         3c..3c+2 must lie in the RoPE table: check the rollout length up front (`rope.check_frames`).
       implementation: selection-attention backend preference (default: per platform).
+      retrieval_histogram: omnimem mode: also return, per layer, how many selected blocks lie 0, 1, ...,
+        capacity_chunks chunks back ([num_layers, capacity_chunks + 1] int32; the selection is scored
+        once more for it).
 
     Returns:
-      (velocity [B, out_channels, frames_per_chunk, latent_h, latent_w] float32, updated store).
+      (velocity [B, out_channels, frames_per_chunk, latent_h, latent_w] float32, updated store), plus the
+      histograms when asked for.
     """
     c = self.config
     self._check_latents(latents, c.memory.frames_per_chunk)
@@ -324,13 +330,25 @@ class CausalWanModel(nnx.Module):
     x, e, e0 = self._embed(latents, timestep)
     cos, sin = rope.rope_cos_sin(c, chunk_index * c.memory.frames_per_chunk)
 
-    def attend(q, k, v, gate_logits, layer: LayerKV):
-      return chunk_self_attention(q, k, v, layer, store.slot_chunk, chunk_index, gate_logits, c,
-                                  implementation=implementation)
+    if retrieval_histogram and c.memory.mode != "omnimem":
+      raise ValueError(f"retrieval histograms exist in omnimem mode only, not {c.memory.mode}")
+    slot_chunk = assign_slot(store.slot_chunk, chunk_index, c.memory)
 
-    x, new_layers = self._run_blocks(x, e0, cos, sin, cross, attend, layers)
+    def attend(q, k, v, gate_logits, layer: LayerKV):
+      out, layer = chunk_self_attention(q, k, v, layer, store.slot_chunk, chunk_index, gate_logits, c,
+                                        implementation=implementation)
+      if not retrieval_histogram:
+        return out, layer
+      ids = select.select_blocks(q.transpose(0, 2, 1, 3), layer.k_pooled, slot_chunk, chunk_index, c)
+      distances = select.retrieval_distances(ids, slot_chunk, chunk_index, c)
+      return out, (layer, select.retrieval_histogram(distances, c.memory.capacity_chunks))
+
+    x, outputs = self._run_blocks(x, e0, cos, sin, cross, attend, layers)
     velocity = self._unembed(x, e, c.memory.frames_per_chunk)
-    return velocity, KVStore(layers=new_layers, slot_chunk=assign_slot(store.slot_chunk, chunk_index, c.memory))
+    if not retrieval_histogram:
+      return velocity, KVStore(layers=outputs, slot_chunk=slot_chunk)
+    new_layers, histograms = outputs
+    return velocity, KVStore(layers=new_layers, slot_chunk=slot_chunk), histograms
 
   # ---- whole sequences (references, teacher forcing) --------------------------------------------
 

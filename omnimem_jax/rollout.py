@@ -1,0 +1,174 @@
+"""Autoregressive rollout: chunk after chunk, each denoised in a few steps over the KV store.
+
+Per chunk (DESIGN.md section 6): the sampler's denoising calls, then the context pass that rewrites
+the chunk's K/V from its clean latents. A segment of chunks is one jitted `lax.scan` with the store
+in the carry (donated); within a chunk the model calls are a second `lax.scan`, so the DiT is traced
+once. The chunk index is traced, so a rollout of any length compiles once per segment length.
+Noise comes from `fold_in(fold_in(key, chunk), step)`: the same seed gives the same video whatever
+the segmenting (streaming one chunk at a time equals one scan over all chunks).
+
+`Rollout.stream` is the driver: it yields each segment as it is produced, switches prompts at chunk
+boundaries (LongLive-style KV recache: the last `recache_chunks` chunks are re-encoded at the
+context timestep under the new prompt, oldest first), and keeps per-chunk timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from omnimem_jax.config import SamplerConfig
+from omnimem_jax.memory.store import KVStore, init_store, slot_of_chunk
+from omnimem_jax.model import rope
+from omnimem_jax.model.wan import CausalWanModel, CrossKV
+from omnimem_jax.sampler import step_table
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentOutput:
+  """Chunks first_chunk .. first_chunk + num_chunks - 1 of a rollout."""
+
+  first_chunk: int
+  latents: Float[Array, "b c f h w"]  # clean latents, frames_per_chunk per chunk
+  retrieval: Int[Array, "n l bins"] | None  # per chunk and layer: selected blocks by chunks back
+  seconds: float  # wall time of the segment (device work included)
+
+
+def generate_chunk(model: CausalWanModel, store: KVStore, cross: CrossKV, key: jax.Array,
+                   chunk_index: Int[Array, ""], sampler: SamplerConfig, batch_size: int,
+                   retrieval: bool) -> tuple[jax.Array, KVStore, jax.Array | None]:
+  """One chunk: the denoising calls and the context pass (one traced model call, scanned)."""
+  config = model.config
+  shape = (batch_size, config.in_channels, config.memory.frames_per_chunk, config.latent_height, config.latent_width)
+  chunk_key = jax.random.fold_in(key, chunk_index)
+  table = {name: jnp.asarray(value) for name, value in step_table(sampler).items()}
+  steps = len(table["timestep"])
+
+  def call(carry, step):
+    x, x0_kept, store, _ = carry
+    index, timestep, sigma, sigma_next, is_context = step
+    outputs = model(x, jnp.full((batch_size,), timestep), cross, store, chunk_index, retrieval_histogram=retrieval)
+    velocity, store = outputs[:2]
+    histogram = outputs[2] if retrieval else carry[3]
+    x0 = x - sigma * velocity
+    x0_kept = jnp.where(is_context > 0, x0_kept, x0)
+    noise = jax.random.normal(jax.random.fold_in(chunk_key, index + 1), shape, jnp.float32)
+    return ((1.0 - sigma_next) * x0 + sigma_next * noise, x0_kept, store, histogram), None
+
+  histogram = jnp.zeros((config.num_layers, config.memory.capacity_chunks + 1), jnp.int32) if retrieval else None
+  x = jax.random.normal(jax.random.fold_in(chunk_key, 0), shape, jnp.float32)
+  per_step = (jnp.arange(steps), table["timestep"], table["sigma"], table["sigma_next"], table["is_context"])
+  (_, x0, store, histogram), _ = jax.lax.scan(call, (x, jnp.zeros(shape, jnp.float32), store, histogram), per_step)
+  return x0, store, histogram
+
+
+class Rollout:
+  """Compiled rollout of one model: `stream` yields segments; `run` returns the whole video.
+
+  Usage:
+    rollout = Rollout(model, SamplerConfig())
+    for segment in rollout.stream([(0, model.cross_kv(text))], num_chunks=80, seed=0):
+      show(segment.latents)
+  """
+
+  def __init__(self, model: CausalWanModel, sampler: SamplerConfig = SamplerConfig(), *, batch_size: int = 1,
+               store_dtype: Any = jnp.bfloat16, retrieval: bool | None = None,
+               implementation: str | Sequence[str] | None = None):
+    self.model, self.sampler, self.batch_size, self.store_dtype = model, sampler, batch_size, store_dtype
+    self.retrieval = model.config.memory.mode == "omnimem" if retrieval is None else retrieval
+    self.implementation = implementation
+    self.traces = 0  # segment traces (compilations), for tests and reports
+    self.store: KVStore | None = None
+    self.timings: list[tuple[int, int, float]] = []  # (first chunk, chunks, seconds) per segment
+
+  # ---- compiled pieces -------------------------------------------------------------------------
+
+  @functools.partial(jax.jit, static_argnames=("self", "num_chunks"), donate_argnames=("store",))
+  def _segment(self, model, store, cross, key, first_chunk, num_chunks):
+    self.traces += 1
+
+    def one_chunk(store, chunk_index):
+      x0, store, histogram = generate_chunk(model, store, cross, key, chunk_index, self.sampler, self.batch_size,
+                                            self.retrieval)
+      return store, (x0, histogram)
+
+    chunks = first_chunk + jnp.arange(num_chunks, dtype=jnp.int32)
+    store, (latents, histograms) = jax.lax.scan(one_chunk, store, chunks)
+    latents = jnp.moveaxis(latents, 0, 2)  # [n, B, C, f, H, W] -> [B, C, n, f, H, W]
+    return latents.reshape(*latents.shape[:2], -1, *latents.shape[4:]), store, histograms
+
+  @functools.partial(jax.jit, static_argnames=("self",), donate_argnames=("store",))
+  def _context_pass(self, model, store, cross, x0, chunk_index):
+    timestep = jnp.full((self.batch_size,), self.sampler.context_timestep, jnp.float32)
+    return model(x0, timestep, cross, store, chunk_index)[1]
+
+  # ---- driver ----------------------------------------------------------------------------------
+
+  def check_length(self, num_chunks: int, first_chunk: int = 0) -> None:
+    """Raises ValueError if the frames of these chunks leave the RoPE table (before any work)."""
+    frames = self.model.config.memory.frames_per_chunk
+    rope.check_frames(self.model.config, first_chunk * frames, num_chunks * frames)
+
+  def stream(self, prompts: Sequence[tuple[int, CrossKV]], num_chunks: int, seed: int = 0, *,
+             segment_chunks: int = 1, recache_chunks: int = 7, store: KVStore | None = None
+             ) -> Iterator[SegmentOutput]:
+    """Generates `num_chunks` chunks, yielding every `segment_chunks` of them as they are done.
+
+    Args:
+      prompts: (first chunk, cross K/V) per prompt, the first at chunk 0, increasing; from each
+        switch on the new prompt conditions the chunks, after its KV recache.
+      num_chunks: chunks to generate (3 latent frames each).
+      seed: noise seed.
+      segment_chunks: chunks per compiled scan (1 streams; num_chunks runs one scan).
+      recache_chunks: chunks before a switch re-encoded under the new prompt (still stored ones).
+      store: continue from this store (default: a fresh one). The final store is `self.store`.
+    """
+    self.check_length(num_chunks)
+    starts = [start for start, _ in prompts]
+    if not prompts or starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= num_chunks:
+      raise ValueError(f"prompt switches must start at chunk 0 and increase within the {num_chunks} chunks, "
+                       f"got first chunks {starts}")
+    if num_chunks % segment_chunks:
+      raise ValueError(f"num_chunks={num_chunks} must be a multiple of segment_chunks={segment_chunks}")
+    if any(start % segment_chunks for start in starts):
+      raise ValueError(f"prompt switches {starts} must fall on segment boundaries (multiples of {segment_chunks})")
+    config = self.model.config
+    self.store = init_store(config, self.batch_size, self.store_dtype) if store is None else store
+    key = jax.random.key(seed)
+    switches = dict(prompts)
+    recent: list[tuple[int, jax.Array]] = []  # clean latents of the last recache_chunks chunks
+    cross = switches[0]
+    frames = config.memory.frames_per_chunk
+    for first in range(0, num_chunks, segment_chunks):
+      start_time = time.perf_counter()
+      if first in switches and first > 0:
+        cross = switches[first]
+        for chunk, x0 in recent:
+          if int(self.store.slot_chunk[int(slot_of_chunk(chunk, config.memory))]) == chunk:
+            self.store = self._context_pass(self.model, self.store, cross, x0, jnp.int32(chunk))
+      latents, self.store, histograms = self._segment(self.model, self.store, cross, key, jnp.int32(first),
+                                                      segment_chunks)
+      latents.block_until_ready()
+      seconds = time.perf_counter() - start_time
+      self.timings.append((first, segment_chunks, seconds))
+      for index in range(segment_chunks):
+        recent.append((first + index, latents[:, :, index * frames:(index + 1) * frames]))
+      recent = recent[-recache_chunks:] if recache_chunks else []
+      yield SegmentOutput(first, latents, histograms, seconds)
+
+  def run(self, prompts: Sequence[tuple[int, CrossKV]], num_chunks: int, seed: int = 0,
+          **kwargs: Any) -> tuple[jax.Array, np.ndarray | None]:
+    """The whole rollout: (latents [B, C, 3 * num_chunks, H, W], retrieval histograms or None)."""
+    segments = list(self.stream(prompts, num_chunks, seed, **kwargs))
+    latents = jnp.concatenate([segment.latents for segment in segments], axis=2)
+    if not self.retrieval:
+      return latents, None
+    return latents, np.concatenate([np.asarray(segment.retrieval) for segment in segments])
