@@ -14,6 +14,7 @@ context timestep under the new prompt, oldest first), and keeps per-chunk timing
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
@@ -43,8 +44,8 @@ class SegmentOutput:
 
 
 def generate_chunk(model: CausalWanModel, store: KVStore, cross: CrossKV, key: jax.Array,
-                   chunk_index: Int[Array, ""], sampler: SamplerConfig, batch_size: int,
-                   retrieval: bool) -> tuple[jax.Array, KVStore, jax.Array | None]:
+                   chunk_index: Int[Array, ""], sampler: SamplerConfig, batch_size: int, retrieval: bool,
+                   implementation: str | tuple[str, ...] | None = None) -> tuple[jax.Array, KVStore, jax.Array | None]:
   """One chunk: the denoising calls and the context pass (one traced model call, scanned)."""
   config = model.config
   shape = (batch_size, config.in_channels, config.memory.frames_per_chunk, config.latent_height, config.latent_width)
@@ -55,7 +56,8 @@ def generate_chunk(model: CausalWanModel, store: KVStore, cross: CrossKV, key: j
   def call(carry, step):
     x, x0_kept, store, _ = carry
     index, timestep, sigma, sigma_next, is_context = step
-    outputs = model(x, jnp.full((batch_size,), timestep), cross, store, chunk_index, retrieval_histogram=retrieval)
+    outputs = model(x, jnp.full((batch_size,), timestep), cross, store, chunk_index, retrieval_histogram=retrieval,
+                    implementation=implementation)
     velocity, store = outputs[:2]
     histogram = outputs[2] if retrieval else carry[3]
     x0 = x - sigma * velocity
@@ -68,6 +70,39 @@ def generate_chunk(model: CausalWanModel, store: KVStore, cross: CrossKV, key: j
   per_step = (jnp.arange(steps), table["timestep"], table["sigma"], table["sigma_next"], table["is_context"])
   (_, x0, store, histogram), _ = jax.lax.scan(call, (x, jnp.zeros(shape, jnp.float32), store, histogram), per_step)
   return x0, store, histogram
+
+
+TRACES: collections.Counter[str] = collections.Counter()  # traces (compilations) of the jitted pieces
+
+
+@functools.partial(jax.jit, static_argnames=("sampler", "batch_size", "retrieval", "num_chunks", "implementation"),
+                   donate_argnames=("store",))
+def rollout_segment(model: CausalWanModel, store: KVStore, cross: CrossKV, key: jax.Array,
+                    first_chunk: Int[Array, ""], *, sampler: SamplerConfig, batch_size: int, retrieval: bool,
+                    num_chunks: int, implementation: str | tuple[str, ...] | None = None
+                    ) -> tuple[jax.Array, KVStore, jax.Array | None]:
+  """Chunks first_chunk .. first_chunk + num_chunks - 1 as one scan: (latents [B, C, 3n, H, W], store,
+  retrieval histograms [n, L, capacity + 1] or None). Compiled once per segment length and model."""
+  TRACES["segment"] += 1
+
+  def one_chunk(store, chunk_index):
+    x0, store, histogram = generate_chunk(model, store, cross, key, chunk_index, sampler, batch_size, retrieval,
+                                          implementation)
+    return store, (x0, histogram)
+
+  chunks = first_chunk + jnp.arange(num_chunks, dtype=jnp.int32)
+  store, (latents, histograms) = jax.lax.scan(one_chunk, store, chunks)
+  latents = jnp.moveaxis(latents, 0, 2)  # [n, B, C, f, H, W] -> [B, C, n, f, H, W]
+  return latents.reshape(*latents.shape[:2], -1, *latents.shape[4:]), store, histograms
+
+
+@functools.partial(jax.jit, static_argnames=("context_timestep", "implementation"), donate_argnames=("store",))
+def context_pass(model: CausalWanModel, store: KVStore, cross: CrossKV, x0: jax.Array, chunk_index: Int[Array, ""],
+                 *, context_timestep: float, implementation: str | tuple[str, ...] | None = None) -> KVStore:
+  """Rewrites chunk c's K/V from its clean latents under `cross` (a prompt switch's KV recache)."""
+  TRACES["context_pass"] += 1
+  timestep = jnp.full((x0.shape[0],), context_timestep, jnp.float32)
+  return model(x0, timestep, cross, store, chunk_index, implementation=implementation)[1]
 
 
 class Rollout:
@@ -84,31 +119,10 @@ class Rollout:
                implementation: str | Sequence[str] | None = None):
     self.model, self.sampler, self.batch_size, self.store_dtype = model, sampler, batch_size, store_dtype
     self.retrieval = model.config.memory.mode == "omnimem" if retrieval is None else retrieval
-    self.implementation = implementation
-    self.traces = 0  # segment traces (compilations), for tests and reports
+    self.implementation = implementation if isinstance(implementation, str | None) else tuple(implementation)
+    self.traces = 0  # compilations this rollout caused (0 when an earlier one compiled the same shapes)
     self.store: KVStore | None = None
     self.timings: list[tuple[int, int, float]] = []  # (first chunk, chunks, seconds) per segment
-
-  # ---- compiled pieces -------------------------------------------------------------------------
-
-  @functools.partial(jax.jit, static_argnames=("self", "num_chunks"), donate_argnames=("store",))
-  def _segment(self, model, store, cross, key, first_chunk, num_chunks):
-    self.traces += 1
-
-    def one_chunk(store, chunk_index):
-      x0, store, histogram = generate_chunk(model, store, cross, key, chunk_index, self.sampler, self.batch_size,
-                                            self.retrieval)
-      return store, (x0, histogram)
-
-    chunks = first_chunk + jnp.arange(num_chunks, dtype=jnp.int32)
-    store, (latents, histograms) = jax.lax.scan(one_chunk, store, chunks)
-    latents = jnp.moveaxis(latents, 0, 2)  # [n, B, C, f, H, W] -> [B, C, n, f, H, W]
-    return latents.reshape(*latents.shape[:2], -1, *latents.shape[4:]), store, histograms
-
-  @functools.partial(jax.jit, static_argnames=("self",), donate_argnames=("store",))
-  def _context_pass(self, model, store, cross, x0, chunk_index):
-    timestep = jnp.full((self.batch_size,), self.sampler.context_timestep, jnp.float32)
-    return model(x0, timestep, cross, store, chunk_index)[1]
 
   # ---- driver ----------------------------------------------------------------------------------
 
@@ -153,9 +167,14 @@ class Rollout:
         cross = switches[first]
         for chunk, x0 in recent:
           if int(self.store.slot_chunk[int(slot_of_chunk(chunk, config.memory))]) == chunk:
-            self.store = self._context_pass(self.model, self.store, cross, x0, jnp.int32(chunk))
-      latents, self.store, histograms = self._segment(self.model, self.store, cross, key, jnp.int32(first),
-                                                      segment_chunks)
+            self.store = context_pass(self.model, self.store, cross, x0, jnp.int32(chunk),
+                                      context_timestep=self.sampler.context_timestep,
+                                      implementation=self.implementation)
+      traces = TRACES["segment"]
+      latents, self.store, histograms = rollout_segment(
+          self.model, self.store, cross, key, jnp.int32(first), sampler=self.sampler, batch_size=self.batch_size,
+          retrieval=self.retrieval, num_chunks=segment_chunks, implementation=self.implementation)
+      self.traces += TRACES["segment"] - traces
       latents.block_until_ready()
       seconds = time.perf_counter() - start_time
       self.timings.append((first, segment_chunks, seconds))
