@@ -1,0 +1,128 @@
+r"""End-to-end rollout benchmark at the real 1.3B shape: per-chunk DiT latency vs video length.
+
+Random bf16 weights (speed does not depend on their values), batch 1, the streaming driver (one
+chunk per compiled segment: 4 denoising calls + the context pass). Memory per mode: omnimem and
+dense keep the full history (capacity = chunks); window / sink_window keep only what they read
+(pinned + recent chunks), as Self-Forcing and LongLive do. Run one mode per process so the device's
+peak memory is per mode, then merge and plot:
+
+  for mode in omnimem window sink_window dense; do
+    python experiments/bench_rollout.py --mode=$mode --chunks=80 --output=rollout_$mode.json
+  done
+  python experiments/bench_rollout.py --merge=rollout_omnimem.json,rollout_window.json,... \
+      --output=benchmarks/results/rollout_h200_bf16.json --plot=benchmarks/results/rollout_h200_bf16.png
+"""
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from omnimem_jax.config import ATTENTION_MODES, ModelConfig, SamplerConfig
+from omnimem_jax.model.wan import CausalWanModel
+from omnimem_jax.rollout import Rollout
+
+_MODE = flags.DEFINE_enum("mode", "omnimem", ATTENTION_MODES, "Attention mode to time.")
+_CHUNKS = flags.DEFINE_integer("chunks", 80, "Chunks to generate (80 = 60 s of video).")
+_PRESET = flags.DEFINE_string("preset", "wan2.1-t2v-1.3b", "Model preset.")
+_MERGE = flags.DEFINE_list("merge", None, "Merge these per-mode JSON files (instead of running).")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON output path.", required=True)
+_PLOT = flags.DEFINE_string("plot", None, "With --merge: PNG of latency and memory vs video length.")
+
+
+def video_frames(chunks: int, frames_per_chunk: int = 3, temporal_stride: int = 4) -> int:
+  """Decoded frames of the first `chunks` chunks (chunk 0 gives 9, each later one 12)."""
+  return (chunks * frames_per_chunk - 1) * temporal_stride + 1
+
+
+def bench_config(mode: str, chunks: int) -> ModelConfig:
+  base = ModelConfig.from_preset(_PRESET.value)
+  memory = dataclasses.replace(base.memory, mode=mode, capacity_chunks=chunks)
+  if mode in ("window", "sink_window"):
+    memory = dataclasses.replace(memory, capacity_chunks=memory.min_capacity_chunks)
+  return dataclasses.replace(base, memory=memory)
+
+
+def run_mode(mode: str, chunks: int) -> dict:
+  config = bench_config(mode, chunks)
+  model = CausalWanModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  text = jax.random.normal(jax.random.key(0), (1, config.text_len, config.text_dim), jnp.bfloat16)
+  cross = jax.jit(lambda model, text: model.cross_kv(text))(model, text)
+  rollout = Rollout(model, SamplerConfig(), retrieval=False)
+  start = time.perf_counter()
+  latencies, error = [], None
+  try:
+    for segment in rollout.stream([(0, cross)], num_chunks=chunks, seed=0):
+      latencies.append(segment.seconds)
+      print(f"{mode} chunk {segment.first_chunk}: {1e3 * segment.seconds:.1f} ms", flush=True)
+  except jax.errors.JaxRuntimeError as err:  # e.g. out of device memory
+    error = str(err).splitlines()[0][:300]
+  total = time.perf_counter() - start
+  stats = jax.devices()[0].memory_stats() or {}
+  done = len(latencies)
+  steady = latencies[1:]  # chunk 0 includes compilation
+  return {
+      "mode": mode, "chunks_requested": chunks, "chunks_done": done, "error": error,
+      "capacity_chunks": config.memory.capacity_chunks, "traces": rollout.traces,
+      "chunk_seconds": latencies, "first_chunk_seconds_incl_compile": latencies[0] if latencies else None,
+      "steady_mean_chunk_seconds": float(np.mean(steady)) if steady else None,
+      "last_chunk_seconds": latencies[-1] if latencies else None,
+      # DiT throughput: decoded frames over DiT time, chunk 0 (compilation) excluded
+      "dit_fps": (video_frames(done) - video_frames(1)) / sum(steady) if steady else None,
+      "wall_seconds": total, "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+      "bytes_limit": stats.get("bytes_limit"),
+  }
+
+
+def merge(paths: Sequence[str], output: str, plot: str | None) -> None:
+  runs = [json.load(open(path)) for path in paths]
+  report = {key: runs[0][key] for key in ("device", "jax", "preset", "dtype", "batch")}
+  report["results"] = [run["result"] for run in runs]
+  by_mode = {result["mode"]: result for result in report["results"]}
+  if "window" in by_mode and by_mode["window"]["steady_mean_chunk_seconds"]:
+    window = by_mode["window"]["steady_mean_chunk_seconds"]
+    report["ratio_to_window"] = {mode: r["steady_mean_chunk_seconds"] / window
+                                 for mode, r in by_mode.items() if r["steady_mean_chunk_seconds"]}
+  with open(output, "w") as f:
+    json.dump(report, f, indent=2)
+  print(f"wrote {output}")
+  if plot:
+    import matplotlib  # noqa: PLC0415 (plotting only)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, (latency, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for result in report["results"]:
+      seconds = np.arange(1, result["chunks_done"]) * 0.75
+      latency.plot(seconds, result["chunk_seconds"][1:], label=result["mode"])
+      if result["peak_bytes_in_use"]:
+        memory.bar(result["mode"], result["peak_bytes_in_use"] / 2**30)
+    latency.set(xlabel="video length (s)", ylabel="DiT seconds per chunk (5 calls)", title=report["device"])
+    latency.legend()
+    memory.set(ylabel="peak device memory (GiB)", title=f"{report['results'][0]['chunks_requested']} chunks")
+    figure.tight_layout()
+    figure.savefig(plot, dpi=120)
+    print(f"wrote {plot}")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  if _MERGE.value:
+    merge(_MERGE.value, _OUTPUT.value, _PLOT.value)
+    return
+  result = run_mode(_MODE.value, _CHUNKS.value)
+  report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": _PRESET.value,
+            "dtype": "bfloat16", "batch": 1, "result": result}
+  with open(_OUTPUT.value, "w") as f:
+    json.dump(report, f, indent=2)
+  print(json.dumps({k: v for k, v in result.items() if k != "chunk_seconds"}))
+
+
+if __name__ == "__main__":
+  app.run(main)
