@@ -30,6 +30,7 @@ from jaxtyping import Array, Float, Int
 
 LN2 = math.log(2.0)
 GROUP_ROWS = 16  # a query group's rows in the tile (15 -> 16)
+STEP_ROWS = 64  # key rows per pipeline step: the PV wgmma needs K % 64 == 0
 
 
 def _kernel(ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, q_barrier, kv_barriers, *,
@@ -42,7 +43,7 @@ def _kernel(ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_sme
   row0 = item * rows
   dtype = qo_smem.dtype
   head_dim = qo_smem.shape[-1]
-  per_step = k_smem.shape[1] // block_rows  # blocks of one group per step (2: wgmma K must be 64)
+  per_step = k_smem.shape[1] // block_rows  # blocks of one group per step (the PV wgmma needs K = 64)
   steps_per_group = top_k // per_step
   steps = groups_per_cta * steps_per_group
   keys = per_step * block_rows
@@ -147,12 +148,14 @@ def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h 
   if q.dtype not in (jnp.bfloat16, jnp.float16) or not (q.dtype == k_blocks.dtype == v_blocks.dtype):
     raise NotImplementedError(f"pallas mosaic_gpu needs one 16-bit float dtype, got {q.dtype}, {k_blocks.dtype}, "
                               f"{v_blocks.dtype}")
-  block_rows = -(-block_tokens // 16) * 16  # 30 -> 32 rows
-  if (head_dim % 64 or group_size > GROUP_ROWS or groups % groups_per_cta or block_tokens % 8 or block_rows != 32 or top_k % 2):
+  block_rows = max(8, 1 << (block_tokens - 1).bit_length())  # a power of two: 64 // block_rows blocks per step
+  per_step = STEP_ROWS // block_rows
+  if (head_dim % 64 or group_size > GROUP_ROWS or groups % groups_per_cta or block_tokens % 8
+      or block_tokens > STEP_ROWS or top_k % per_step):
     raise NotImplementedError(
         f"pallas mosaic_gpu needs head_dim % 64 == 0 (got {head_dim}), groups of <= 16 queries (got {group_size}), "
-        f"groups % {groups_per_cta} == 0 (got {groups}), blocks of 17..32 tokens (got {block_tokens}) and an "
-        f"even top_k (got {top_k})")
+        f"groups % {groups_per_cta} == 0 (got {groups}), blocks of a multiple of 8 tokens, at most {STEP_ROWS} "
+        f"(TMA copies start on 8-row tiles; got {block_tokens}), and top_k % {per_step} == 0 (got {top_k})")
   # Each group's queries padded to 16 rows; under jit this pad fuses with the caller's transpose.
   q_tiles = jnp.pad(q.reshape(batch, heads, groups, group_size, head_dim),
                     ((0, 0), (0, 0), (0, 0), (0, GROUP_ROWS - group_size), (0, 0)))
@@ -170,9 +173,9 @@ def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h 
       grid=(groups // groups_per_cta, batch * heads),
       grid_names=("item", "bh"),
       scratch_types=(plgpu.SMEM((rows, head_dim), q.dtype),
-                     plgpu.SMEM((stages, 2 * block_rows, head_dim), k_blocks.dtype),
-                     plgpu.SMEM((stages, 2 * block_rows, head_dim), v_blocks.dtype),
-                     plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1, num_barriers=4 * stages)),
+                     plgpu.SMEM((stages, STEP_ROWS, head_dim), k_blocks.dtype),
+                     plgpu.SMEM((stages, STEP_ROWS, head_dim), v_blocks.dtype),
+                     plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1, num_barriers=2 * per_step * stages)),
       compiler_params=plgpu.CompilerParams(approx_math=True,
                                            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
   )(ids.astype(jnp.int32), q_tiles, k_rows, v_rows)

@@ -34,13 +34,37 @@ GATE_ORDER = ("cmp", "slc", "swa")
 GATE_CLIP = 10.0
 
 
+DENSE_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def default_dense_implementation(dtype: jnp.dtype) -> str:
+  """cuDNN flash attention for 16-bit inputs on GPUs (it has no f32 path), XLA otherwise."""
+  return "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
+
+
 def _masked_attention(q: Float[Array, "b n h d"], keys: Float[Array, "b h m d"], values: Float[Array, "b h m d"],
-                      key_mask: Bool[Array, " m"]) -> Float[Array, "b n h d"]:
-  """Dense softmax attention of every query over the keys where key_mask holds (store layout keys)."""
+                      key_mask: Bool[Array, " m"], implementation: str = "xla") -> Float[Array, "b n h d"]:
+  """Dense softmax attention of every query over the keys where key_mask holds (store layout keys).
+
+  "cudnn" passes the number of valid keys as `key_value_seq_lengths`, so the valid keys must come
+  first (callers order chunks or slots resident-first; softmax does not care about key order).
+  """
   keys = keys.astype(q.dtype).transpose(0, 2, 1, 3)
   values = values.astype(q.dtype).transpose(0, 2, 1, 3)
   scale = 1.0 / math.sqrt(q.shape[-1])
+  if implementation == "cudnn":
+    lengths = jnp.full((q.shape[0],), jnp.sum(key_mask, dtype=jnp.int32))
+    return jax.nn.dot_product_attention(q, keys, values, scale=scale, key_value_seq_lengths=lengths,
+                                        implementation="cudnn")
+  if implementation != "xla":
+    raise ValueError(f"unknown dense attention implementation {implementation!r}; known: {DENSE_IMPLEMENTATIONS}")
   return jax.nn.dot_product_attention(q, keys, values, mask=key_mask[None, None, None, :], scale=scale)
+
+
+def _resident_first(ids: Int[Array, " n"], resident: Bool[Array, " n"]) -> tuple[Int[Array, " n"], Bool[Array, " n"]]:
+  """Reorder (stably) so the resident entries come first, as the cuDNN length mask needs."""
+  order = jnp.argsort(~resident, stable=True)
+  return ids[order], resident[order]
 
 
 def recent_chunk_ids(chunk_index: Int[Array, ""], count: int) -> Int[Array, " count"]:
@@ -66,29 +90,46 @@ def attended_chunks(chunk_index: Int[Array, ""], memory: MemoryConfig) -> Int[Ar
 
 def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
                     chunk_index: Int[Array, ""], chunk_ids: Int[Array, " n"] | None,
-                    memory: MemoryConfig) -> Float[Array, "b n h d"]:
+                    memory: MemoryConfig, implementation: str = "xla") -> Float[Array, "b n h d"]:
   """Dense attention over the full-resolution K/V of the listed chunks that are still stored."""
   tokens = layer.k.shape[3]
-  if chunk_ids is None:  # every slot, in place
+  if chunk_ids is None and implementation == "xla":  # every slot, in place
     keys, values = layer.k, layer.v
     resident = holds_chunks_through(slot_chunk, chunk_index)
   else:
-    slots = slot_of_chunk(jnp.maximum(chunk_ids, 0), memory)
-    resident = (chunk_ids >= 0) & (chunk_ids <= chunk_index) & (slot_chunk[slots] == chunk_ids)
+    if chunk_ids is None:
+      slots = jnp.arange(slot_chunk.shape[0], dtype=jnp.int32)
+      resident = holds_chunks_through(slot_chunk, chunk_index)
+    else:
+      slots = slot_of_chunk(jnp.maximum(chunk_ids, 0), memory)
+      resident = (chunk_ids >= 0) & (chunk_ids <= chunk_index) & (slot_chunk[slots] == chunk_ids)
+    if implementation != "xla":  # resident chunks first, for cuDNN's length mask
+      slots, resident = _resident_first(slots, resident)
     keys, values = jnp.take(layer.k, slots, axis=2), jnp.take(layer.v, slots, axis=2)
   batch, heads, count, _, head_dim = keys.shape
   keys = keys.reshape(batch, heads, count * tokens, head_dim)
   values = values.reshape(batch, heads, count * tokens, head_dim)
-  return _masked_attention(q, keys, values, jnp.repeat(resident, tokens, total_repeat_length=count * tokens))
+  mask = jnp.repeat(resident, tokens, total_repeat_length=count * tokens)
+  return _masked_attention(q, keys, values, mask, implementation)
 
 
 def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
-                         chunk_index: Int[Array, ""]) -> Float[Array, "b n h d"]:
-  """Dense attention over the pooled K/V of every stored chunk 0..c (current chunk included)."""
-  blocks_per_chunk = layer.k_pooled.shape[2] // slot_chunk.shape[0]
+                         chunk_index: Int[Array, ""], implementation: str = "xla") -> Float[Array, "b n h d"]:
+  """Dense attention over the pooled K/V of every stored chunk 0..c (current chunk included).
+
+  With "cudnn" the stored slots are gathered first (the gather fuses with the layout transpose that
+  cuDNN's [b, m, h, d] keys need anyway).
+  """
+  slots = slot_chunk.shape[0]
+  blocks_per_chunk = layer.k_pooled.shape[2] // slots
   stored = holds_chunks_through(slot_chunk, chunk_index)
+  keys, values = layer.k_pooled, layer.v_pooled
+  if implementation != "xla":
+    order, stored = _resident_first(jnp.arange(slots, dtype=jnp.int32), stored)
+    keys, values = (jnp.take(x.reshape(*x.shape[:2], slots, blocks_per_chunk, x.shape[-1]), order, axis=2
+                             ).reshape(x.shape) for x in (keys, values))
   mask = jnp.repeat(stored, blocks_per_chunk, total_repeat_length=layer.k_pooled.shape[2])
-  return _masked_attention(q, layer.k_pooled, layer.v_pooled, mask)
+  return _masked_attention(q, keys, values, mask, implementation)
 
 
 def selection_branch(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
@@ -142,8 +183,8 @@ def _check_inputs(q, k, v, layer, slot_chunk, chunk_index, gate_logits, config: 
 def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"], v: Float[Array, "b n h d"],
                          layer: LayerKV, slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Array, ""],
                          gate_logits: Float[Array, "b n h 3"] | None, config: ModelConfig, *,
-                         implementation: str | Sequence[str] | None = None
-                         ) -> tuple[Float[Array, "b n h d"], LayerKV]:
+                         implementation: str | Sequence[str] | None = None,
+                         dense_implementation: str | None = None) -> tuple[Float[Array, "b n h d"], LayerKV]:
   """One layer's self-attention of chunk c over its history, in the mode of `config.memory`.
 
   Args:
@@ -155,6 +196,8 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
     gate_logits: `x_sa @ Wg + bg` reshaped per head, order (cmp, slc, swa); omnimem mode only.
     config: geometry and memory configuration.
     implementation: selection-attention backend preference (default: per platform).
+    dense_implementation: "cudnn" or "xla" for the dense branches (default: cuDNN for 16-bit inputs
+      on GPUs, else XLA).
 
   Returns:
     (attention output before the output projection, updated layer store).
@@ -165,9 +208,10 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
   slot_chunk = assign_slot(slot_chunk, chunk_index, memory)
   layer = write_chunk(layer, k, v, chunk_index, config)
   recent = attended_chunks(chunk_index, memory)
+  dense = default_dense_implementation(q.dtype) if dense_implementation is None else dense_implementation
   if memory.mode != "omnimem":
-    return chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory), layer
-  o_cmp = compressed_attention(q, layer, slot_chunk, chunk_index)
+    return chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory, dense), layer
+  o_cmp = compressed_attention(q, layer, slot_chunk, chunk_index, dense)
   o_slc = selection_branch(q, layer, slot_chunk, chunk_index, config, implementation)
-  o_swa = chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory)
+  o_swa = chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory, dense)
   return gate_branches(gate_logits, o_cmp, o_slc, o_swa).astype(q.dtype), layer

@@ -1,0 +1,38 @@
+"""cuDNN dense branches (length-masked, resident-first) against the XLA masked path, on a GPU."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omnimem_jax.memory import store
+from omnimem_jax.model.attention import chunk_self_attention, default_dense_implementation
+from tests.configs import tiny
+from tests.kernels.selection_attention_suite import relative_error
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("mode", ["omnimem", "window", "sink_window", "dense"])
+def test_cudnn_dense_branches_match_xla_through_ring_reuse(mode):
+  config = dataclasses.replace(tiny(mode=mode, local_attn_frames=6, capacity_chunks=4), dim=256)  # head_dim 64
+  kv = store.init_store(config, 2, jnp.bfloat16, num_layers=1)
+  layer, slot_chunk = jax.tree.map(lambda x: x[0], kv.layers), kv.slot_chunk
+  step = jax.jit(lambda *args, dense: chunk_self_attention(*args, config, implementation="xla",
+                                                           dense_implementation=dense), static_argnames="dense")
+  rng = np.random.default_rng(0)
+  shape = (2, config.tokens_per_chunk, config.num_heads, config.head_dim)
+  for chunk in range(7):  # the ring wraps from chunk 4 on
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(3))
+    gates = jnp.asarray(rng.standard_normal((*shape[:3], 3)), jnp.float32) if mode == "omnimem" else None
+    expected, _ = step(q, k, v, layer, slot_chunk, jnp.int32(chunk), gates, dense="xla")
+    out, layer = step(q, k, v, layer, slot_chunk, jnp.int32(chunk), gates, dense="cudnn")
+    slot_chunk = store.assign_slot(slot_chunk, chunk, config.memory)
+    assert relative_error(out, expected) < 1e-2, chunk
+
+
+def test_default_dense_implementation_on_gpu():
+  assert default_dense_implementation(jnp.bfloat16) == "cudnn"
+  assert default_dense_implementation(jnp.float32) == "xla"
