@@ -24,8 +24,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 test: setup
 	$(PY) -m pytest -q tests
 
-demo: setup
-	$(PY) experiments/memory_demo.py
+demo: setup  # smoke run: tiny preset, random weights; writes outputs/demo.mp4 and outputs/demo.json
+	$(PY) experiments/generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,91 @@
+r"""Generates a long video: prompt(s) in, mp4 and a JSON run report out (logic: omnimem_jax/generate.py).
+
+  python experiments/generate.py            # smoke run: tiny preset, random weights, ~1 min on a CPU
+  python experiments/generate.py --model_dir=models/omnimem --prompt="a corgi surfing" --seconds=60 \
+      --output=outputs/corgi.mp4
+  python experiments/generate.py --model_dir=models/longlive --attention=sink_window \
+      --prompt_file=prompts.txt --seconds=30          # lines `latent_frame: prompt`, KV recache at switches
+  python experiments/generate.py --checkpoint=checkpoints/omnimem --text_embeddings=prompt.npy --num_frames=165
+
+Bad input (missing or mismatched checkpoints, wrong shapes, lengths past the RoPE horizon, unwritable
+outputs, conflicting flags) gives one line `error: ...` on stderr and exit code 2, before any weights
+are loaded.
+"""
+
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+
+from omnimem_jax import generate
+from omnimem_jax.config import ATTENTION_MODES, PRESETS
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax DiT checkpoint (experiments/convert_checkpoint.py); "
+                                  "none: random weights of --preset (a smoke run).")
+_PRESET = flags.DEFINE_string("preset", None, f"Architecture for random weights, one of {sorted(PRESETS)} "
+                              f"(default {generate.DEFAULT_PRESET}); with --checkpoint it must match it.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (needs --text_encoder and --tokenizer, or --model_dir).")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Prompt schedule: lines `latent_frame: prompt`; a prompt "
+                                   "starts at chunk latent_frame // 3, after a KV recache of --recache_frames.")
+_TEXT_EMBEDDINGS = flags.DEFINE_string("text_embeddings", None, "Precomputed umT5 output, .npy [tokens, text_dim] "
+                                       "or [batch, tokens, text_dim] (a batch is tiled side by side).")
+_SECONDS = flags.DEFINE_float("seconds", None, f"Video length in seconds at 16 fps (default "
+                              f"{generate.DEFAULT_SECONDS:g}); rounded up to whole chunks.")
+_NUM_FRAMES = flags.DEFINE_integer("num_frames", None, "Video length in frames (chunk 0 gives 9, later chunks 12); "
+                                   "rounded up to whole chunks.")
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed (also of random weights and of a random embedding).")
+_ATTENTION = flags.DEFINE_enum("attention", None, list(ATTENTION_MODES),
+                               "Attention mode (default: the checkpoint's, or omnimem).")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Blocks selected per (query group, head) (omnimem).")
+_WINDOW_CHUNKS = flags.DEFINE_integer("window_chunks", None, "Sliding-window chunks, current included (omnimem).")
+_EXCLUDE = flags.DEFINE_integer("exclude_window_chunks", None, "Adaptive Window Exclusion span; 0 turns it off.")
+_GROUP_SIZE = flags.DEFINE_integer("group_size", None, "Queries sharing one selection (omnimem).")
+_CAPACITY = flags.DEFINE_integer("capacity_chunks", None, "KV store slots (default: every chunk of the video, "
+                                 "full history); fewer reuse slots and drop the oldest chunks.")
+_RECACHE = flags.DEFINE_integer("recache_frames", 21, "Latent frames re-encoded under a new prompt at a switch.")
+_OUTPUT = flags.DEFINE_string("output", generate.DEFAULT_OUTPUT, "mp4 to write.")
+_REPORT = flags.DEFINE_string("report", None, "JSON run report (default: --output with .json).")
+_SAVE_LATENTS = flags.DEFINE_string("save_latents", None, "Also save the latents [B, C, frames, H, W] to this .npy.")
+_VAE = flags.DEFINE_string("vae", None, "Converted Wan VAE checkpoint; none: a latent visualisation.")
+_TEXT_ENCODER = flags.DEFINE_string("text_encoder", None, "Converted umT5 encoder checkpoint.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer directory (tokenizer.json or spiece.model).")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Directory with dit/, and optionally vae/, text_encoder/, "
+                                 "tokenizer/ (explicit flags win).")
+_INIT_MISSING_GATES = flags.DEFINE_bool("init_missing_gates", False, "omnimem mode from a checkpoint without "
+                                        "gates: start them untrained (output not meaningful).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and KV-store dtype (default: float32 "
+                           "on CPU, else bfloat16).")
+_RETRIEVAL_STATS = flags.DEFINE_bool("retrieval_stats", True, "omnimem: record per-layer retrieval histograms "
+                                     "(one extra scoring pass per call).")
+
+
+def _error(message: str) -> None:
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's parser, with flag errors reported like every other bad input (one line, exit code 2)."""
+  try:
+    argv = flags.FLAGS(argv)
+  except flags.Error as err:
+    _error(err)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # keep JAX's backend-probing INFO lines out of the progress output
+  return argv
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    _error(f"unexpected arguments {argv[1:]}")
+  values = {name: flags.FLAGS[name].value for name in flags.FLAGS}
+  options = generate.GenerateOptions(**{field: values[field] for field in generate.GenerateOptions.__dataclass_fields__})
+  try:
+    plan = generate.plan(options)
+  except generate.GenerateError as err:
+    _error(err)
+  generate.run(plan)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)
