@@ -32,7 +32,7 @@ from omnimem_jax.config import ModelConfig
 from omnimem_jax.memory import select
 from omnimem_jax.memory.store import KVStore, LayerKV, assign_slot
 from omnimem_jax.model import rope
-from omnimem_jax.model.attention import GATE_ORDER, chunk_self_attention
+from omnimem_jax.model.attention import GATE_ORDER, chunk_self_attention, default_dense_implementation
 from omnimem_jax.model.layout import from_block_order, to_block_order
 
 GATE_INIT_STDDEV = 1e-3  # official `initialize_gate`: g_proj ~ N(0, 1e-3), bias 0 (all gates ~0.5)
@@ -174,7 +174,9 @@ class WanBlock(nnx.Module):
     x_ca = layer_norm(x, self.eps, self.norm_cross_scale[...], self.norm_cross_bias[...]).astype(self.dtype)
     cross_k, cross_v = cross
     q = self.cross_attn.queries(x_ca)
-    attended = jax.nn.dot_product_attention(q, cross_k.astype(q.dtype), cross_v.astype(q.dtype))
+    implementation = default_dense_implementation(q.dtype)  # cuDNN flash attention for bf16 on GPUs
+    attended = jax.nn.dot_product_attention(q, cross_k.astype(q.dtype), cross_v.astype(q.dtype),
+                                            implementation=None if implementation == "xla" else implementation)
     x = x + self.cross_attn.project_out(attended).astype(jnp.float32)
 
     x_ffn = modulate(x, shift_ffn, scale_ffn).astype(self.dtype)
