@@ -13,7 +13,7 @@ Times are medians over `--reps` repetitions of `--inner` back-to-back calls (wal
 device-synchronised batches), with min / max as the spread.
 
   python experiments/bench_attention.py --out benchmarks/results/bench_attention_h100
-  python experiments/bench_attention.py --chunks 80 --sweep      # + Triton launch-parameter sweep
+  python experiments/bench_attention.py --chunks 80 --sweep_chunks 80   # + Triton launch-parameter sweeps
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from kernels.block_topk import pallas_triton as block_topk_triton
 from kernels.selection_attention import api as selection_api
 from kernels.selection_attention import pallas_triton
 from omnimem_jax.config import ModelConfig
@@ -40,7 +41,7 @@ _CHUNKS = flags.DEFINE_list("chunks", ["10", "40", "80", "160"], "Chunks of hist
 _REPS = flags.DEFINE_integer("reps", 7, "Repetitions (median and spread over these).", lower_bound=1)
 _INNER = flags.DEFINE_integer("inner", 10, "Back-to-back calls per repetition.", lower_bound=1)
 _OUT = flags.DEFINE_string("out", "benchmarks/results/bench_attention", "Output path prefix (.json, .png).")
-_SWEEP = flags.DEFINE_bool("sweep", False, "Also sweep Triton launch parameters at each history.")
+_SWEEP = flags.DEFINE_list("sweep_chunks", [], "Histories at which to also sweep the Triton kernels' launch parameters.")
 _SKIP_XLA_ABOVE = flags.DEFINE_integer("skip_xla_above", 80, "Skip the all-XLA layer above this many chunks.")
 
 
@@ -121,10 +122,13 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
 
   # Scoring + top-k (with AWE).
   scores_fn = jax.jit(lambda q, kp: select.block_scores(q, kp, config.memory.group_size))
-  select_fn = jax.jit(lambda q, kp, sc, c: select.select_blocks(q, kp, sc, c, config))
+  select_fns = {impl: jax.jit(lambda q, kp, sc, c, impl=impl: select.select_blocks(q, kp, sc, c, config,
+                                                                                   implementation=impl))
+                for impl in ("triton", "xla")}
   scores = scores_fn(q_heads, layer.k_pooled)
   top_k = config.memory.top_k
-  record("score_topk", lambda: select_fn(q_heads, layer.k_pooled, slot_chunk, inp.chunk_index))
+  for impl, fn in select_fns.items():
+    record(f"score_topk_{impl}", lambda fn=fn: fn(q_heads, layer.k_pooled, slot_chunk, inp.chunk_index))
   record("scores_only", lambda: scores_fn(q_heads, layer.k_pooled))
   topk_fn = jax.jit(lambda s: jax.lax.top_k(s, top_k)[1])
   approx_fn = jax.jit(lambda s: jax.lax.approx_max_k(s, top_k, recall_target=0.95)[1])
@@ -133,7 +137,17 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
   exact, approx = np.asarray(topk_fn(scores)), np.asarray(approx_fn(scores))
   recall = float(np.mean([np.isin(a, e).mean() for a, e in zip(approx.reshape(-1, top_k)[:4096],
                                                              exact.reshape(-1, top_k)[:4096], strict=True)]))
-  ids = select_fn(q_heads, layer.k_pooled, slot_chunk, inp.chunk_index)
+  if sweep:
+    qbar = select.group_mean_queries(q_heads, config.memory.group_size)
+    cand = select.candidate_blocks(slot_chunk, inp.chunk_index, config)
+    for tile in (64, 128, 256):
+      for warps in (2, 4, 8):
+        fn = jax.jit(lambda qb, kp, cd, t=tile, w=warps: block_topk_triton.block_top_k(
+            qb, kp, cd, top_k=top_k, divisor=math.sqrt(head_dim), tile=t, num_warps=w))
+        record(f"topk_triton_t{tile}_w{warps}", lambda fn=fn: fn(qbar, layer.k_pooled, cand))
+  ids = select_fns["xla"](q_heads, layer.k_pooled, slot_chunk, inp.chunk_index)
+  fused = np.asarray(select_fns["triton"](q_heads, layer.k_pooled, slot_chunk, inp.chunk_index))
+  fused_agreement = float(np.mean(fused == np.asarray(ids)))
 
   # Selection branch.
   block_view = (1, heads, chunks * config.blocks_per_chunk, config.memory.block_tokens, head_dim)
@@ -144,7 +158,7 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
   if sweep:
     scale = 1.0 / math.sqrt(head_dim)
     for keys_per_step in (64, 128, 256):
-      for warps in (2, 4, 8):
+      for warps in (2, 4):
         for stages in (1, 2, 3):
           fn = jax.jit(lambda q, kb, vb, i, a=keys_per_step, w=warps, s=stages: pallas_triton.selection_attention(
               q, kb, vb, i, scale=scale, keys_per_step=a, num_warps=w, num_stages=s))
@@ -173,9 +187,10 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
     record(f"sliding_{impl}", lambda f=swa_fn: f(inp.q, layer, slot_chunk, inp.chunk_index, recent))
 
   # Whole layer (write + scores + top-k + three branches + gates); the store is donated and carried.
-  def layer_entry(name, implementation, dense):
+  def layer_entry(name, implementation, dense, topk):
     step = jax.jit(lambda q, k, v, lay, sc, c, g: attention.chunk_self_attention(
-        q, k, v, lay, sc, c, g, config, implementation=implementation, dense_implementation=dense),
+        q, k, v, lay, sc, c, g, config, implementation=implementation, dense_implementation=dense,
+        topk_implementation=topk),
         donate_argnums=(3,))
     state = {"layer": jax.tree.map(jnp.copy, layer)}
 
@@ -187,9 +202,10 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
     record(name, call)
     del state
 
-  layer_entry("layer", None, None)
+  layer_entry("layer", None, None, None)
+  layer_entry("layer_xla_topk", None, None, "xla")
   if chunks <= skip_xla_above:
-    layer_entry("layer_all_xla", "xla", "xla")
+    layer_entry("layer_all_xla", "xla", "xla", "xla")
 
   # Dense cuDNN attention over the full history (keys in cuDNN's [b, m, h, d] layout, prepared once).
   full_k = layer.k.reshape(1, heads, chunks * tokens, head_dim).transpose(0, 2, 1, 3)
@@ -199,7 +215,7 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
   del full_k, full_v
 
   sel_bytes = selection_floor_bytes(config)
-  return {"chunks": chunks, "times": results, "approx_max_k_recall": recall, "selection_floor_bytes": sel_bytes,
+  return {"chunks": chunks, "times": results, "approx_max_k_recall": recall, "fused_topk_id_agreement": fused_agreement, "selection_floor_bytes": sel_bytes,
           "flops": {"selection": 4 * heads * tokens * config.memory.top_k * config.memory.block_tokens * head_dim,
                     "compressed": 4 * heads * tokens * chunks * config.blocks_per_chunk * head_dim,
                     "sliding": 4 * heads * tokens * config.memory.window_chunks * tokens * head_dim,
@@ -215,7 +231,7 @@ def floors(entry: dict, ceiling: dict) -> dict[str, float]:
       "selection_ms": max(entry["selection_floor_bytes"] / bw, entry["flops"]["selection"] / peak) * 1e3,
       "compressed_ms": max(chunks * bpc * kv_bytes / bw, entry["flops"]["compressed"] / peak) * 1e3,
       "sliding_ms": max(3 * tokens * kv_bytes / bw, entry["flops"]["sliding"] / peak) * 1e3,
-      "score_topk_ms": chunks * bpc * heads * d * 2 / bw * 1e3,
+      "score_topk_ms": chunks * bpc * heads * d * 2 / bw * 1e3,  # read the pooled keys once
       "dense_full_history_ms": max(chunks * tokens * kv_bytes / bw, entry["flops"]["dense_full_history"] / peak) * 1e3,
   }
   out["layer_ms"] = out["selection_ms"] + out["compressed_ms"] + out["sliding_ms"] + out["score_topk_ms"]
@@ -231,7 +247,7 @@ def plot(report: dict, path: str) -> bool:
   except ImportError:
     return False
   names = ["layer", "dense_full_history_cudnn", "selection_triton", "selection_xla", "selection_mosaic_gpu_32tok",
-           "score_topk", "compressed_cudnn", "sliding_cudnn", "layer_all_xla"]
+           "score_topk_triton", "score_topk_xla", "compressed_cudnn", "sliding_cudnn", "layer_all_xla"]
   chunks = [e["chunks"] for e in report["histories"]]
   fig, ax = plt.subplots(figsize=(8, 5))
   for name in names:
@@ -260,7 +276,7 @@ def main(argv):
         f"{ceiling['matmul_tflops']:.0f} TFLOP/s", flush=True)
   histories = []
   for chunks in map(int, _CHUNKS.value):
-    entry = bench_history(chunks, _REPS.value, _INNER.value, _SWEEP.value, _SKIP_XLA_ABOVE.value)
+    entry = bench_history(chunks, _REPS.value, _INNER.value, str(chunks) in _SWEEP.value, _SKIP_XLA_ABOVE.value)
     entry["floors"] = floors(entry, ceiling)
     histories.append(entry)
   config = ModelConfig()
@@ -280,12 +296,13 @@ def main(argv):
   plotted = plot(report, _OUT.value + ".png")
   print(f"wrote {_OUT.value}.json" + (f" and {_OUT.value}.png" if plotted else " (no matplotlib: no PNG)"))
   print(f"{'chunks':>6} {'layer':>8} {'dense':>8} {'x':>6} {'sel_tri':>8} {'sel_xla':>8} {'sel_floor':>9} "
-        f"{'topk':>7} {'cmp':>7} {'swa':>7}")
+        f"{'topk':>7} {'topkxla':>7} {'cmp':>7} {'swa':>7}")
   for e in histories:
     t = {k: v.get("median_ms", float("nan")) for k, v in e["times"].items()}
     print(f"{e['chunks']:6d} {t['layer']:8.3f} {t['dense_full_history_cudnn']:8.3f} "
           f"{t['dense_full_history_cudnn'] / t['layer']:6.1f} {t['selection_triton']:8.3f} {t['selection_xla']:8.3f} "
-          f"{e['floors']['selection_ms']:9.3f} {t['score_topk']:7.3f} {t['compressed_cudnn']:7.3f} "
+          f"{e['floors']['selection_ms']:9.3f} {t['score_topk_triton']:7.3f} {t['score_topk_xla']:7.3f} "
+          f"{t['compressed_cudnn']:7.3f} "
           f"{t['sliding_cudnn']:7.3f}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from omnimem_jax.config import ModelConfig
@@ -43,16 +44,36 @@ def candidate_blocks(slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Ar
   return jnp.repeat(slot_ok, config.blocks_per_chunk, total_repeat_length=slot_chunk.shape[0] * config.blocks_per_chunk)
 
 
+def default_topk_implementation() -> str:
+  """The fused Pallas Triton scoring + top-k kernel on GPUs (XLA's top_k sorts every row), else XLA."""
+  return "triton" if jax.default_backend() == "gpu" else "xla"
+
+
 def select_blocks(q: Float[Array, "b h n d"], k_pooled: Float[Array, "b h blocks d"],
                   slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Array, ""],
-                  config: ModelConfig) -> Int[Array, "b h g k"]:
+                  config: ModelConfig, *, implementation: str | None = None,
+                  interpret: bool = False) -> Int[Array, "b h g k"]:
   """Top-k slot-major block ids per (group, head), best first; ties go to the lower id; -1 pads.
 
   `slot_chunk` must already record chunk c in its slot (see `store.assign_slot`).
+  `implementation`: "xla" (scores, then `lax.top_k`) or "triton" (the fused kernel of
+  `kernels.block_topk`, falling back to XLA for shapes it refuses); default per platform.
+  `interpret` runs the kernel in interpret mode (CPU tests).
   """
   memory = config.memory
-  top_k = min(memory.top_k, k_pooled.shape[2])
   candidates = candidate_blocks(slot_chunk, chunk_index, config)
+  implementation = default_topk_implementation() if implementation is None else implementation
+  if implementation == "triton":
+    from kernels.block_topk import pallas_triton
+    try:
+      return pallas_triton.block_top_k(group_mean_queries(q, memory.group_size), k_pooled, candidates,
+                                       top_k=memory.top_k, divisor=float(np.sqrt(np.float32(q.shape[-1]))),
+                                       interpret=interpret)
+    except NotImplementedError:
+      pass
+  elif implementation != "xla":
+    raise ValueError(f"unknown top-k implementation {implementation!r}; known: ('xla', 'triton')")
+  top_k = min(memory.top_k, k_pooled.shape[2])
   scores = block_scores(q, k_pooled, memory.group_size)
   scores = jnp.where(candidates, scores, -jnp.inf)
   _, ids = jax.lax.top_k(scores, top_k)

@@ -134,10 +134,11 @@ def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk:
 
 def selection_branch(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
                      chunk_index: Int[Array, ""], config: ModelConfig,
-                     implementation: str | Sequence[str] | None = None) -> Float[Array, "b n h d"]:
+                     implementation: str | Sequence[str] | None = None,
+                     topk_implementation: str | None = None) -> Float[Array, "b n h d"]:
   """Each (query group, head) attends to its own top-k blocks, read from the store's block view."""
   q_heads = q.transpose(0, 2, 1, 3)
-  ids = select_blocks(q_heads, layer.k_pooled, slot_chunk, chunk_index, config)
+  ids = select_blocks(q_heads, layer.k_pooled, slot_chunk, chunk_index, config, implementation=topk_implementation)
   batch, heads, slots, tokens, head_dim = layer.k.shape
   block_view = (batch, heads, slots * config.blocks_per_chunk, config.memory.block_tokens, head_dim)
   out, _ = selection_api.selection_attention(
@@ -184,7 +185,8 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
                          layer: LayerKV, slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Array, ""],
                          gate_logits: Float[Array, "b n h 3"] | None, config: ModelConfig, *,
                          implementation: str | Sequence[str] | None = None,
-                         dense_implementation: str | None = None) -> tuple[Float[Array, "b n h d"], LayerKV]:
+                         dense_implementation: str | None = None,
+                         topk_implementation: str | None = None) -> tuple[Float[Array, "b n h d"], LayerKV]:
   """One layer's self-attention of chunk c over its history, in the mode of `config.memory`.
 
   Args:
@@ -198,6 +200,7 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
     implementation: selection-attention backend preference (default: per platform).
     dense_implementation: "cudnn" or "xla" for the dense branches (default: cuDNN for 16-bit inputs
       on GPUs, else XLA).
+    topk_implementation: "triton" (fused scoring + top-k kernel) or "xla" (default: per platform).
 
   Returns:
     (attention output before the output projection, updated layer store).
@@ -212,6 +215,6 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
   if memory.mode != "omnimem":
     return chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory, dense), layer
   o_cmp = compressed_attention(q, layer, slot_chunk, chunk_index, dense)
-  o_slc = selection_branch(q, layer, slot_chunk, chunk_index, config, implementation)
+  o_slc = selection_branch(q, layer, slot_chunk, chunk_index, config, implementation, topk_implementation)
   o_swa = chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory, dense)
   return gate_branches(gate_logits, o_cmp, o_slc, o_swa).astype(q.dtype), layer

@@ -1,0 +1,1 @@
+"""Fused block scoring + top-k (query-shared selection) kernels."""
