@@ -102,7 +102,7 @@ def test_debug_checks_reach_the_selection_kernel_under_jit(monkeypatch):
   error.throw()  # the ids select_blocks makes are in range
   num_blocks = config.memory.capacity_chunks * config.blocks_per_chunk
   original = attention.select_blocks
-  monkeypatch.setattr(attention, "select_blocks", lambda *args: original(*args) + num_blocks)
+  monkeypatch.setattr(attention, "select_blocks", lambda *args, **kwargs: original(*args, **kwargs) + num_blocks)
   step = checkify.checkify(jax.jit(lambda *a: chunk_self_attention(*a, config)[0]))
   error, _ = step(q, k, v, layer, slot_chunk, jnp.int32(1), gates)
   with pytest.raises(checkify.JaxRuntimeError, match=r"block ids must lie in \[-1, 96\)"):
