@@ -10,6 +10,13 @@ file to merge, and official OmniMem checkpoints (with gates).
   python experiments/convert_checkpoint.py --checkpoint=longlive_base.pt --lora=lora.pt \
       --mode=sink_window --output=checkpoints/longlive
   python experiments/convert_checkpoint.py --checkpoint=omnimem.pt --output=checkpoints/omnimem
+
+The Wan 2.1 VAE and the umT5 text encoder convert the same way, with --kind:
+
+  python experiments/convert_checkpoint.py --kind=vae --dtype=float32 \
+      --checkpoint=Wan2.1-T2V-1.3B/Wan2.1_VAE.pth --output=checkpoints/vae
+  python experiments/convert_checkpoint.py --kind=text_encoder \
+      --checkpoint=Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth --output=checkpoints/umt5
 """
 
 import dataclasses
@@ -20,7 +27,9 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from omnimem_jax.config import ATTENTION_MODES, PRESETS, ModelConfig
-from omnimem_jax.convert import wan_dit
+from omnimem_jax.convert import umt5, wan_dit, wan_vae
+from omnimem_jax.model.text import TextEncoderConfig
+from omnimem_jax.model.vae import VAEConfig
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint: .safetensors (file, index, dir) or .pt/.pth.",
                                   required=True)
@@ -35,11 +44,32 @@ _INIT_GATES = flags.DEFINE_bool("init_gates", False,
                                 "omnimem mode from a checkpoint without gates: initialise them (output not "
                                 "meaningful until they are trained).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
+_KIND = flags.DEFINE_enum("kind", "dit", ["dit", "vae", "text_encoder"],
+                          "What the checkpoint holds: the DiT; the Wan 2.1 VAE (diffusers vae/ safetensors or "
+                          "Wan2.1_VAE.pth); the umT5-XXL encoder (HF text_encoder/ safetensors or Wan's "
+                          "models_t5_umt5-xxl-enc-bf16.pth). --preset, --mode, --lora and --init_gates are DiT-only.")
+
+
+def convert_vae_or_text_encoder() -> str:
+  """The --kind=vae / --kind=text_encoder conversions (the released Wan 2.1 configurations)."""
+  if _LORA.value or _INIT_GATES.value:
+    raise app.UsageError("--lora and --init_gates apply to --kind=dit only")
+  if _KIND.value == "vae":
+    config = VAEConfig.from_preset("wan2.1", param_dtype=_DTYPE.value)
+    return wan_vae.convert_checkpoint(_CHECKPOINT.value, _OUTPUT.value, config, overwrite=_OVERWRITE.value)
+  config = TextEncoderConfig.from_preset("umt5-xxl", param_dtype=_DTYPE.value)
+  return umt5.convert_checkpoint(_CHECKPOINT.value, _OUTPUT.value, config, overwrite=_OVERWRITE.value)
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _KIND.value != "dit":
+    try:
+      print(f"wrote {convert_vae_or_text_encoder()}")
+    except (ValueError, OSError, ImportError) as err:  # bad input: the message says what to do
+      sys.exit(f"error: {err}")
+    return
   preset = PRESETS[_PRESET.value]
   config = ModelConfig.from_preset(_PRESET.value, memory=dataclasses.replace(preset.memory, mode=_MODE.value))
   logging.info("converting %s for %s (%s mode, %s)", _CHECKPOINT.value, _PRESET.value, _MODE.value, _DTYPE.value)

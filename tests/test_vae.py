@@ -149,3 +149,4 @@ def test_orbax_round_trip(tmp_path, config, vae):
     wan_vae.convert_checkpoint(FIXTURES / "vae_tiny_original.safetensors", output, config)
   with pytest.raises(ValueError, match=r"not a Wan 2\.1 VAE"):
     wan_vae.convert_checkpoint(FIXTURES / "umt5_tiny_hf.safetensors", tmp_path / "other", config)
+
