@@ -166,3 +166,13 @@ def test_orbax_round_trip(tmp_path, config, encoder):
     np.testing.assert_array_equal(value, getattr(encoder.layers, name)[...])
   with pytest.raises(ValueError, match="expected 'wan_vae'"):
     wan_vae.restore_vae(output)
+
+
+@pytest.mark.parametrize(("directory", "package"), [("tokenizer_wordlevel", "tokenizers"),
+                                                     ("tokenizer_spiece", "sentencepiece")])
+def test_prompt_over_512_tokens_is_truncated_with_a_warning(directory, package):
+  pytest.importorskip(package)
+  tokenizer = text.load_tokenizer(FIXTURES / directory)  # Wan's text_len = 512
+  with pytest.warns(UserWarning, match="prompt 0 is longer than text_len = 512 tokens"):
+    ids, mask = tokenizer(["a cat walks on the grass " * 120])  # 600 words
+  assert ids.shape == mask.shape == (1, 512) and mask.all() and ids[0, -1] == 1  # EOS kept last
