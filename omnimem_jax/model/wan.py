@@ -38,8 +38,8 @@ from omnimem_jax.model.layout import from_block_order, to_block_order
 GATE_INIT_STDDEV = 1e-3  # official `initialize_gate`: g_proj ~ N(0, 1e-3), bias 0 (all gates ~0.5)
 gate_kernel_init = nnx.initializers.normal(GATE_INIT_STDDEV)
 
-# attend(q, k, v, gate_logits, layer_input) -> (output [B, N, H, D], layer_output)
-AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None, Any], tuple[jax.Array, Any]]
+# attend(q, k, v, gate_logits, layer store or None) -> (output [B, N, H, D], (updated layer, per-layer extra))
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None, Any], tuple[jax.Array, tuple[Any, Any]]]
 
 
 @jax.tree_util.register_dataclass
@@ -160,7 +160,7 @@ class WanBlock(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: Float[Array, "b n dim"], e0: Float[Array, "b 6 dim"], cos: jax.Array, sin: jax.Array,
-               cross: tuple[jax.Array, jax.Array], attend: AttendFn, layer_input: Any) -> tuple[jax.Array, Any]:
+               cross: tuple[jax.Array, jax.Array], attend: AttendFn, layer: LayerKV | None) -> tuple[jax.Array, Any]:
     shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = jnp.unstack(
         self.modulation[...].astype(jnp.float32)[None] + e0, axis=1)
     modulate = lambda y, shift, scale: (layer_norm(y, self.eps) * (1 + scale[:, None]) + shift[:, None])  # noqa: E731
@@ -168,7 +168,7 @@ class WanBlock(nnx.Module):
     x_sa = modulate(x, shift_sa, scale_sa).astype(self.dtype)
     q, (k, v) = self.self_attn.queries(x_sa), self.self_attn.keys_values(x_sa)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-    attended, layer_output = attend(q, k, v, self.self_attn.gate_logits(x_sa), layer_input)
+    attended, attend_output = attend(q, k, v, self.self_attn.gate_logits(x_sa), layer)
     x = x + self.self_attn.project_out(attended).astype(jnp.float32) * gate_sa[:, None]
 
     x_ca = layer_norm(x, self.eps, self.norm_cross_scale[...], self.norm_cross_bias[...]).astype(self.dtype)
@@ -180,7 +180,7 @@ class WanBlock(nnx.Module):
     x = x + self.cross_attn.project_out(attended).astype(jnp.float32)
 
     x_ffn = modulate(x, shift_ffn, scale_ffn).astype(self.dtype)
-    return x + self.ffn(x_ffn).astype(jnp.float32) * gate_ffn[:, None], layer_output
+    return x + self.ffn(x_ffn).astype(jnp.float32) * gate_ffn[:, None], attend_output
 
 
 class CausalWanModel(nnx.Module):
@@ -267,14 +267,26 @@ class CausalWanModel(nnx.Module):
     return x, e, e0
 
   def _run_blocks(self, x: jax.Array, e0: jax.Array, cos: jax.Array, sin: jax.Array, cross: CrossKV,
-                  attend: AttendFn, layer_inputs: Any) -> tuple[jax.Array, Any]:
+                  attend: AttendFn, layers: LayerKV | None) -> tuple[jax.Array, LayerKV | None, Any]:
+    """Scans the stacked blocks. The stacked store rides in the carry and each layer's update is
+    written back in place: as scan inputs and outputs it would need a second store-sized buffer.
+
+    Returns (x, updated layers, per-layer extras stacked by the scan).
+    """
     graphdef, params = nnx.split(self.blocks)
 
-    def body(x, per_layer):
-      block_params, cross_k, cross_v, layer_input = per_layer
-      return nnx.merge(graphdef, block_params)(x, e0, cos, sin, (cross_k, cross_v), attend, layer_input)
+    def body(carry, per_layer):
+      x, layers = carry
+      block_params, cross_k, cross_v, index = per_layer
+      layer = None if layers is None else jax.tree.map(lambda a: a[index], layers)
+      x, (new_layer, extra) = nnx.merge(graphdef, block_params)(x, e0, cos, sin, (cross_k, cross_v), attend, layer)
+      if layers is not None:
+        layers = jax.tree.map(lambda a, new: jax.lax.dynamic_update_index_in_dim(a, new, index, 0), layers, new_layer)
+      return (x, layers), extra
 
-    return jax.lax.scan(body, x, (params, cross.k, cross.v, layer_inputs))
+    indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+    (x, layers), extras = jax.lax.scan(body, (x, layers), (params, cross.k, cross.v, indices))
+    return x, layers, extras
 
   def _unembed(self, x: jax.Array, e: jax.Array, frames: int) -> Float[Array, "b c f h w"]:
     """Head (2-row modulation with e, not e0) and unpatchify back to [B, C, F, H, W], float32."""
@@ -340,17 +352,15 @@ class CausalWanModel(nnx.Module):
       out, layer = chunk_self_attention(q, k, v, layer, store.slot_chunk, chunk_index, gate_logits, c,
                                         implementation=implementation)
       if not retrieval_histogram:
-        return out, layer
+        return out, (layer, None)
       ids = select.select_blocks(q.transpose(0, 2, 1, 3), layer.k_pooled, slot_chunk, chunk_index, c)
       distances = select.retrieval_distances(ids, slot_chunk, chunk_index, c)
       return out, (layer, select.retrieval_histogram(distances, c.memory.capacity_chunks))
 
-    x, outputs = self._run_blocks(x, e0, cos, sin, cross, attend, layers)
+    x, new_layers, histograms = self._run_blocks(x, e0, cos, sin, cross, attend, layers)
     velocity = self._unembed(x, e, c.memory.frames_per_chunk)
-    if not retrieval_histogram:
-      return velocity, KVStore(layers=outputs, slot_chunk=slot_chunk)
-    new_layers, histograms = outputs
-    return velocity, KVStore(layers=new_layers, slot_chunk=slot_chunk), histograms
+    new_store = KVStore(layers=new_layers, slot_chunk=slot_chunk)
+    return (velocity, new_store, histograms) if retrieval_histogram else (velocity, new_store)
 
   # ---- whole sequences (references, teacher forcing) --------------------------------------------
 
@@ -373,11 +383,11 @@ class CausalWanModel(nnx.Module):
     x, e, e0 = self._embed(latents, timestep)
     cos, sin = rope.rope_cos_sin(c, 0, frames)
 
-    def attend(q, k, v, gate_logits, layer_input):
+    def attend(q, k, v, gate_logits, layer):
       del gate_logits  # masked dense attention has a single branch
-      return jax.nn.dot_product_attention(q, k, v, mask=attention_mask[None, None]), layer_input
+      return jax.nn.dot_product_attention(q, k, v, mask=attention_mask[None, None]), (layer, None)
 
-    x, _ = self._run_blocks(x, e0, cos, sin, cross, attend, None)
+    x, _, _ = self._run_blocks(x, e0, cos, sin, cross, attend, None)
     return self._unembed(x, e, frames)
 
 
