@@ -133,6 +133,16 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
   topk_fn = jax.jit(lambda s: jax.lax.top_k(s, top_k)[1])
   approx_fn = jax.jit(lambda s: jax.lax.approx_max_k(s, top_k, recall_target=0.95)[1])
   record("top_k_only", lambda: topk_fn(scores))
+
+  def two_stage(s):  # per-chunk top-k, then top-k of the chunk winners (same set as one top_k)
+    per_chunk = s.reshape(*s.shape[:-1], chunks, config.blocks_per_chunk)
+    values, ids = jax.lax.top_k(per_chunk, top_k)
+    ids = ids + config.blocks_per_chunk * jnp.arange(chunks, dtype=jnp.int32)[:, None]
+    _, pick = jax.lax.top_k(values.reshape(*s.shape[:-1], -1), top_k)
+    return jnp.take_along_axis(ids.reshape(*s.shape[:-1], -1), pick, axis=-1)
+
+  two_stage_fn = jax.jit(two_stage)
+  record("two_stage_top_k_only", lambda: two_stage_fn(scores))
   record("approx_max_k_only", lambda: approx_fn(scores))
   exact, approx = np.asarray(topk_fn(scores)), np.asarray(approx_fn(scores))
   recall = float(np.mean([np.isin(a, e).mean() for a, e in zip(approx.reshape(-1, top_k)[:4096],
@@ -140,11 +150,10 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
   if sweep:
     qbar = select.group_mean_queries(q_heads, config.memory.group_size)
     cand = select.candidate_blocks(slot_chunk, inp.chunk_index, config)
-    for tile, warps in ((64, 4), (128, 4), (128, 8)):
-      for per_split in (4, 8, 16, 32):
-        fn = jax.jit(lambda qb, kp, cd, t=tile, w=warps, p=per_split: block_topk_triton.block_top_k(
-            qb, kp, cd, top_k=top_k, divisor=math.sqrt(head_dim), tile=t, tiles_per_split=p, num_warps=w))
-        record(f"topk_triton_t{tile}_w{warps}_p{per_split}", lambda fn=fn: fn(qbar, layer.k_pooled, cand))
+    for tile, warps in ((32, 2), (32, 4), (64, 2), (64, 4), (128, 4)):
+      fn = jax.jit(lambda qb, kp, cd, t=tile, w=warps: block_topk_triton.block_top_k(
+          qb, kp, cd, top_k=top_k, divisor=math.sqrt(head_dim), tile=t, num_warps=w))
+      record(f"topk_triton_t{tile}_w{warps}", lambda fn=fn: fn(qbar, layer.k_pooled, cand))
   ids = select_fns["xla"](q_heads, layer.k_pooled, slot_chunk, inp.chunk_index)
   fused = np.asarray(select_fns["triton"](q_heads, layer.k_pooled, slot_chunk, inp.chunk_index))
   fused_agreement = float(np.mean(fused == np.asarray(ids)))
@@ -185,9 +194,6 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
                                                                                   impl))
     record(f"compressed_{impl}", lambda f=cmp_fn: f(inp.q, layer, slot_chunk, inp.chunk_index))
     record(f"sliding_{impl}", lambda f=swa_fn: f(inp.q, layer, slot_chunk, inp.chunk_index, recent))
-  pair_fn = jax.jit(lambda q, lay, sc, c, r: attention.paired_cudnn_attention(
-      q, attention._compressed_keys(lay, sc, c, True), attention._chunk_keys(lay, sc, c, r, config.memory, True)))
-  record("compressed_and_sliding_paired_cudnn", lambda: pair_fn(inp.q, layer, slot_chunk, inp.chunk_index, recent))
 
   # Whole layer (write + scores + top-k + three branches + gates); the store is donated and carried.
   def layer_entry(name, implementation, dense, topk):
@@ -250,7 +256,7 @@ def plot(report: dict, path: str) -> bool:
   except ImportError:
     return False
   names = ["layer", "dense_full_history_cudnn", "selection_triton", "selection_xla", "selection_mosaic_gpu_32tok",
-           "score_topk_triton", "score_topk_xla", "compressed_and_sliding_paired_cudnn", "compressed_cudnn", "sliding_cudnn", "layer_all_xla"]
+           "score_topk_triton", "score_topk_xla", "compressed_cudnn", "sliding_cudnn", "layer_all_xla"]
   chunks = [e["chunks"] for e in report["histories"]]
   fig, ax = plt.subplots(figsize=(8, 5))
   for name in names:

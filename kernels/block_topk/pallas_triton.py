@@ -26,8 +26,8 @@ from jaxtyping import Array, Bool, Float, Int
 ROWS = 16  # group rows per program (the smallest Triton dot M)
 
 
-def _kernel(cand_ref, qbar_ref, kbar_ref, values_ref, ids_ref, *, groups: int, num_blocks: int, tile: int,
-            tiles_per_split: int, top_k: int, divisor: float, precision):
+def _kernel(cand_ref, qbar_ref, kbar_ref, ids_ref, *, groups: int, num_blocks: int, tile: int, top_k: int,
+            divisor: float, precision):
   rows = lax.iota(jnp.int32, ROWS)
   row_index = jnp.minimum(pl.program_id(0) * ROWS + rows, groups - 1)  # pad rows repeat the last group
   q = qbar_ref[row_index, :]
@@ -35,11 +35,9 @@ def _kernel(cand_ref, qbar_ref, kbar_ref, values_ref, ids_ref, *, groups: int, n
   slot = lax.iota(jnp.int32, top_k)[None, :]
 
   def merge(state):
-    s, best, best_id, base = state
-    top = jnp.max(s, axis=1)
-    floor = jnp.min(best, axis=1)
+    s, top, best, best_id, floor, base = state
     take = top > floor  # strict: an equal later block loses to the lower id already kept
-    first = jnp.min(jnp.where(s == top[:, None], col, tile), axis=1)  # lowest id among the tile's ties
+    first = jnp.argmax(s, axis=1).astype(jnp.int32)  # lowest id among the tile's ties
     # Evict the k-th best; among tied entries the highest id goes (lower ids win ties).
     at_floor = best == floor[:, None]
     worst_id = jnp.max(jnp.where(at_floor, best_id, -2), axis=1)
@@ -48,11 +46,11 @@ def _kernel(cand_ref, qbar_ref, kbar_ref, values_ref, ids_ref, *, groups: int, n
     best = jnp.where(hit, top[:, None], best)
     best_id = jnp.where(hit, (first + base)[:, None], best_id)
     s = jnp.where(take[:, None] & (col == first[:, None]), -jnp.inf, s)
-    return s, best, best_id, base
+    return s, jnp.max(s, axis=1), best, best_id, jnp.min(best, axis=1), base
 
   def needs_merge(state):
-    s, best, _, _ = state
-    return jnp.max((jnp.max(s, axis=1) > jnp.min(best, axis=1)).astype(jnp.int32)) > 0
+    _, top, _, _, floor, _ = state
+    return jnp.max((top > floor).astype(jnp.int32)) > 0
 
   def step(t, carry):
     best, best_id = carry
@@ -63,38 +61,33 @@ def _kernel(cand_ref, qbar_ref, kbar_ref, values_ref, ids_ref, *, groups: int, n
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                         preferred_element_type=jnp.float32) / divisor
     s = jnp.where(ok[None, :], s, -jnp.inf)
-    _, best, best_id, _ = lax.while_loop(needs_merge, merge, (s, best, best_id, base))
+    state = (s, jnp.max(s, axis=1), best, best_id, jnp.min(best, axis=1), base)
+    _, _, best, best_id, _, _ = lax.while_loop(needs_merge, merge, state)
     return best, best_id
 
   init = (jnp.full((ROWS, top_k), -jnp.inf, jnp.float32), jnp.full((ROWS, top_k), -1, jnp.int32))
-  first_tile = pl.program_id(2) * tiles_per_split
-  last_tile = jnp.minimum(first_tile + tiles_per_split, pl.cdiv(num_blocks, tile))
-  best, best_id = lax.fori_loop(first_tile, last_tile, step, init)
+  best, best_id = lax.fori_loop(0, pl.cdiv(num_blocks, tile), step, init)
 
   def emit(j, carry):  # best first; ties by lower id; empty (-inf) slots give -1
-    best, best_id, taken, out_values, out_ids = carry
+    best, best_id, taken, out = carry
     live = jnp.where(taken, -jnp.inf, best)
     top = jnp.max(live, axis=1)
     tied = ~taken & (best == top[:, None])
     pick = jnp.min(jnp.where(tied, best_id, num_blocks), axis=1)
     pick = jnp.where(top == -jnp.inf, -1, pick)
     taken = taken | (tied & (best_id == pick[:, None]))
-    out_values = jnp.where(slot == j, top[:, None], out_values)
-    out_ids = jnp.where(slot == j, pick[:, None], out_ids)
-    return best, best_id, taken, out_values, out_ids
+    out = jnp.where(slot == j, pick[:, None], out)
+    return best, best_id, taken, out
 
-  init_out = (best, best_id, jnp.zeros((ROWS, top_k), jnp.bool_), jnp.full((ROWS, top_k), -jnp.inf, jnp.float32),
-              jnp.full((ROWS, top_k), -1, jnp.int32))
-  _, _, _, out_values, out_ids = lax.fori_loop(0, top_k, emit, init_out)
-  values_ref[row_index, :] = out_values  # pad rows repeat the last group's row and its result
-  ids_ref[row_index, :] = out_ids
+  init_out = (best, best_id, jnp.zeros((ROWS, top_k), jnp.bool_), jnp.full((ROWS, top_k), -1, jnp.int32))
+  out = lax.fori_loop(0, top_k, emit, init_out)[3]
+  ids_ref[row_index, :] = out  # pad rows repeat the last group's row and its result
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "divisor", "interpret", "tile", "tiles_per_split", "num_warps",
-                                             "num_stages"))
+@functools.partial(jax.jit, static_argnames=("top_k", "divisor", "interpret", "tile", "num_warps", "num_stages"))
 def block_top_k(qbar: Float[Array, "b h g d"], k_pooled: Float[Array, "b h nblk d"], candidates: Bool[Array, " nblk"],
-                *, top_k: int, divisor: float, interpret: bool = False, tile: int = 128, tiles_per_split: int = 16,
-                num_warps: int = 4, num_stages: int = 2) -> Int[Array, "b h g k"]:
+                *, top_k: int, divisor: float, interpret: bool = False, tile: int = 128, num_warps: int = 4,
+                num_stages: int = 2) -> Int[Array, "b h g k"]:
   """Ids of the top_k blocks by `qbar . kbar / divisor` per (batch, head, group), -1 where fewer candidates.
 
   Raises:
@@ -107,25 +100,18 @@ def block_top_k(qbar: Float[Array, "b h g d"], k_pooled: Float[Array, "b h nblk 
                               f"{top_k}")
   # 3xTF32 keeps f32 accuracy on the tensor cores; interpret mode (CPU) takes plain f32.
   precision = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-  splits = pl.cdiv(pl.cdiv(num_blocks, tile), tiles_per_split)
-  kernel = functools.partial(_kernel, groups=groups, num_blocks=num_blocks, tile=tile, tiles_per_split=tiles_per_split,
-                             top_k=top_k, divisor=divisor, precision=precision)
-  head = lambda g, bh, split: (bh // heads, bh % heads, 0, 0)
-  partial = lambda g, bh, split: (bh // heads, bh % heads, 0, split)
-  values, ids = pl.pallas_call(
+  kernel = functools.partial(_kernel, groups=groups, num_blocks=num_blocks, tile=tile, top_k=top_k, divisor=divisor,
+                             precision=precision)
+  head = lambda g, bh: (bh // heads, bh % heads, 0, 0)
+  return pl.pallas_call(
       kernel,
-      grid=(pl.cdiv(groups, ROWS), batch * heads, splits),
-      in_specs=[pl.BlockSpec((num_blocks,), lambda g, bh, split: (0,)),
+      grid=(pl.cdiv(groups, ROWS), batch * heads),
+      in_specs=[pl.BlockSpec((num_blocks,), lambda g, bh: (0,)),
                 pl.BlockSpec((None, None, groups, head_dim), head),
                 pl.BlockSpec((None, None, num_blocks, head_dim), head)],
-      out_specs=[pl.BlockSpec((None, None, groups, top_k), partial), pl.BlockSpec((None, None, groups, top_k), partial)],
-      out_shape=[jax.ShapeDtypeStruct((batch, heads, groups, splits * top_k), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, heads, groups, splits * top_k), jnp.int32)],
+      out_specs=pl.BlockSpec((None, None, groups, top_k), head),
+      out_shape=jax.ShapeDtypeStruct((batch, heads, groups, top_k), jnp.int32),
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="block_top_k_triton",
   )(candidates.astype(jnp.int32), qbar.astype(jnp.float32), k_pooled)
-  if splits == 1:
-    return ids
-  _, order = lax.top_k(values, top_k)  # ties: the earlier split, i.e. the lower id
-  return jnp.take_along_axis(ids, order, axis=-1)

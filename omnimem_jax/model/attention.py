@@ -140,24 +140,6 @@ def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk:
   return _masked_attention(q, keys, values, mask, implementation)
 
 
-def paired_cudnn_attention(q: Float[Array, "b n h d"], first, second) -> tuple[Float[Array, "b n h d"], ...]:
-  """Two dense attentions of the same queries in one cuDNN call (each `(keys, values, mask)` with the
-  valid keys first): stacked on the batch axis, padded to the longer key list, one length each.
-
-  One launch of twice the work fills the GPU's last wave better than two launches of 12 heads each.
-  """
-  length = max(first[0].shape[2], second[0].shape[2])
-  stack = lambda a, b: jnp.concatenate(
-      [jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0))) for x in (a, b)]
-  ).astype(q.dtype).transpose(0, 2, 1, 3)
-  batch = q.shape[0]
-  lengths = jnp.concatenate([jnp.full((batch,), jnp.sum(mask, dtype=jnp.int32)) for mask in (first[2], second[2])])
-  out = jax.nn.dot_product_attention(jnp.concatenate([q, q]), stack(first[0], second[0]), stack(first[1], second[1]),
-                                     scale=1.0 / math.sqrt(q.shape[-1]), key_value_seq_lengths=lengths,
-                                     implementation="cudnn")
-  return out[:batch], out[batch:]
-
-
 def selection_branch(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
                      chunk_index: Int[Array, ""], config: ModelConfig,
                      implementation: str | Sequence[str] | None = None,
@@ -240,11 +222,7 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
   dense = default_dense_implementation(q.dtype) if dense_implementation is None else dense_implementation
   if memory.mode != "omnimem":
     return chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory, dense), layer
-  if dense == "cudnn":  # both dense branches in one launch
-    o_cmp, o_swa = paired_cudnn_attention(q, _compressed_keys(layer, slot_chunk, chunk_index, True),
-                                          _chunk_keys(layer, slot_chunk, chunk_index, recent, memory, True))
-  else:
-    o_cmp = compressed_attention(q, layer, slot_chunk, chunk_index, dense)
-    o_swa = chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory, dense)
+  o_cmp = compressed_attention(q, layer, slot_chunk, chunk_index, dense)
   o_slc = selection_branch(q, layer, slot_chunk, chunk_index, config, implementation, topk_implementation)
+  o_swa = chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory, dense)
   return gate_branches(gate_logits, o_cmp, o_slc, o_swa).astype(q.dtype), layer
