@@ -150,7 +150,7 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
   if sweep:
     qbar = select.group_mean_queries(q_heads, config.memory.group_size)
     cand = select.candidate_blocks(slot_chunk, inp.chunk_index, config)
-    for tile, warps in ((32, 2), (32, 4), (64, 2), (64, 4), (128, 4)):
+    for tile, warps in ((32, 1), (32, 2), (64, 1), (64, 2), (64, 4), (128, 2), (128, 4)):
       fn = jax.jit(lambda qb, kp, cd, t=tile, w=warps: block_topk_triton.block_top_k(
           qb, kp, cd, top_k=top_k, divisor=math.sqrt(head_dim), tile=t, num_warps=w))
       record(f"topk_triton_t{tile}_w{warps}", lambda fn=fn: fn(qbar, layer.k_pooled, cand))

@@ -3,7 +3,8 @@
 `lax.top_k` over 12,480 pooled blocks for each of 12 x 312 (head, group) rows took 2.75 ms on an
 H100 (XLA sorts every row); the scores themselves take 0.4 ms to materialise. Here one program owns
 16 group rows of one (batch, head): it streams the head's pooled keys 128 blocks at a time, scores the
-tile on the tensor cores (3xTF32, about f32 accuracy) and keeps a running top-k per row in registers.
+tile on the tensor cores (bf16 keys, the f32 query split into three bf16 pieces: f32-exact products,
+with the keys left in bf16 registers; f32 keys take 3xTF32) and keeps a running top-k per row in registers.
 A tile is merged by repeatedly moving its best entry into the running list while that entry beats the
 row's current k-th best, so once the list is warm most tiles cost one comparison (the score matrix is
 never written to HBM).
@@ -31,6 +32,11 @@ def _kernel(cand_ref, qbar_ref, kbar_ref, ids_ref, *, groups: int, num_blocks: i
   rows = lax.iota(jnp.int32, ROWS)
   row_index = jnp.minimum(pl.program_id(0) * ROWS + rows, groups - 1)  # pad rows repeat the last group
   q = qbar_ref[row_index, :]
+  q_parts = []
+  rest = q
+  for _ in range(3):
+    q_parts.append(rest.astype(jnp.bfloat16))
+    rest = rest - q_parts[-1].astype(jnp.float32)
   col = lax.iota(jnp.int32, tile)[None, :]
   slot = lax.iota(jnp.int32, top_k)[None, :]
 
@@ -56,10 +62,15 @@ def _kernel(cand_ref, qbar_ref, kbar_ref, ids_ref, *, groups: int, num_blocks: i
     best, best_id = carry
     base = t * tile
     block = jnp.minimum(base + col[0], num_blocks - 1)
-    k = kbar_ref[block, :].astype(jnp.float32)
+    k = kbar_ref[block, :]
     ok = (cand_ref[block] > 0) & (base + col[0] < num_blocks)
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                        preferred_element_type=jnp.float32) / divisor
+    if k.dtype == jnp.bfloat16:  # exact bf16 keys: three bf16 pieces of q carry all 24 bits of it
+      s = sum(lax.dot_general(part, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+              for part in q_parts)
+    else:
+      s = lax.dot_general(q, k.astype(jnp.float32), (((1,), (1,)), ((), ())), precision=precision,
+                          preferred_element_type=jnp.float32)
+    s = s / divisor
     s = jnp.where(ok[None, :], s, -jnp.inf)
     state = (s, jnp.max(s, axis=1), best, best_id, jnp.min(best, axis=1), base)
     _, _, best, best_id, _, _ = lax.while_loop(needs_merge, merge, state)
@@ -98,7 +109,7 @@ def block_top_k(qbar: Float[Array, "b h g d"], k_pooled: Float[Array, "b h nblk 
   if head_dim < 16 or head_dim & (head_dim - 1) or top_k & (top_k - 1):
     raise NotImplementedError(f"pallas triton top-k needs power-of-two head_dim >= 16 and top_k, got {head_dim}, "
                               f"{top_k}")
-  # 3xTF32 keeps f32 accuracy on the tensor cores; interpret mode (CPU) takes plain f32.
+  # For f32 keys: 3xTF32 keeps f32 accuracy on the tensor cores; interpret mode (CPU) takes plain f32.
   precision = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
   kernel = functools.partial(_kernel, groups=groups, num_blocks=num_blocks, tile=tile, top_k=top_k, divisor=divisor,
                              precision=precision)

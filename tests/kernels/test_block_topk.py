@@ -26,13 +26,14 @@ def _assert_same_selection(ids, expected, scores):
     np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("chunk, capacity", [(1, 8), (5, 8), (11, 6)])  # AWE warm-up, in order, ring wrapped
-def test_matches_xla_top_k(chunk, capacity):
+def test_matches_xla_top_k(chunk, capacity, dtype):
   config = tiny(capacity_chunks=capacity)
   rng = np.random.default_rng(chunk)
   q = jnp.asarray(rng.standard_normal((2, config.num_heads, config.tokens_per_chunk, config.head_dim)), jnp.float32)
   blocks = capacity * config.blocks_per_chunk
-  k_pooled = jnp.asarray(rng.standard_normal((2, config.num_heads, blocks, config.head_dim)), jnp.bfloat16)
+  k_pooled = jnp.asarray(rng.standard_normal((2, config.num_heads, blocks, config.head_dim)), dtype)
   slot_chunk = jnp.asarray([c if c <= chunk else -1 for c in range(capacity)], jnp.int32)
   if chunk >= capacity:
     slot_chunk = jnp.arange(chunk - capacity + 1, chunk + 1, dtype=jnp.int32)
