@@ -31,6 +31,7 @@ from omnimem_jax.rollout import Rollout
 _MODE = flags.DEFINE_enum("mode", "omnimem", ATTENTION_MODES, "Attention mode to time.")
 _CHUNKS = flags.DEFINE_integer("chunks", 80, "Chunks to generate (80 = 60 s of video).")
 _PRESET = flags.DEFINE_string("preset", "wan2.1-t2v-1.3b", "Model preset.")
+_IMPLEMENTATION = flags.DEFINE_string("implementation", None, "Selection-attention backend (default: per platform).")
 _MERGE = flags.DEFINE_list("merge", None, "Merge these per-mode JSON files (instead of running).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON output path.", required=True)
 _PLOT = flags.DEFINE_string("plot", None, "With --merge: PNG of latency and memory vs video length.")
@@ -54,7 +55,7 @@ def run_mode(mode: str, chunks: int) -> dict:
   model = CausalWanModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   text = jax.random.normal(jax.random.key(0), (1, config.text_len, config.text_dim), jnp.bfloat16)
   cross = jax.jit(lambda model, text: model.cross_kv(text))(model, text)
-  rollout = Rollout(model, SamplerConfig(), retrieval=False)
+  rollout = Rollout(model, SamplerConfig(), retrieval=False, implementation=_IMPLEMENTATION.value)
   start = time.perf_counter()
   latencies, error = [], None
   try:
@@ -68,7 +69,7 @@ def run_mode(mode: str, chunks: int) -> dict:
   done = len(latencies)
   steady = latencies[1:]  # chunk 0 includes compilation
   return {
-      "mode": mode, "chunks_requested": chunks, "chunks_done": done, "error": error,
+      "mode": mode, "implementation": _IMPLEMENTATION.value or "default", "chunks_requested": chunks, "chunks_done": done, "error": error,
       "capacity_chunks": config.memory.capacity_chunks, "traces": rollout.traces,
       "chunk_seconds": latencies, "first_chunk_seconds_incl_compile": latencies[0] if latencies else None,
       "steady_mean_chunk_seconds": float(np.mean(steady)) if steady else None,
