@@ -12,8 +12,10 @@ outputs, conflicting flags) gives one line `error: ...` on stderr and exit code 
 are loaded.
 """
 
+import dataclasses
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from absl import app, flags, logging
 
@@ -59,7 +61,7 @@ _RETRIEVAL_STATS = flags.DEFINE_bool("retrieval_stats", True, "omnimem: record p
                                      "(one extra scoring pass per call).")
 
 
-def _error(message: str) -> None:
+def _error(message: object) -> NoReturn:
   print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
   sys.exit(2)
 
@@ -78,8 +80,8 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     _error(f"unexpected arguments {argv[1:]}")
-  values = {name: flags.FLAGS[name].value for name in flags.FLAGS}
-  options = generate.GenerateOptions(**{field: values[field] for field in generate.GenerateOptions.__dataclass_fields__})
+  fields = [field.name for field in dataclasses.fields(generate.GenerateOptions)]
+  options = generate.GenerateOptions(**{name: flags.FLAGS[name].value for name in fields})
   try:
     plan = generate.plan(options)
   except generate.GenerateError as err:

@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import numpy as np
 
@@ -112,7 +112,6 @@ class Plan:
   options: GenerateOptions
   config: ModelConfig
   checkpoint: Path | None
-  checkpoint_record: dict[str, Any] | None
   vae: Path | None
   text_encoder: Path | None
   tokenizer: Path | None
@@ -121,7 +120,6 @@ class Plan:
   batch_size: int
   num_chunks: int
   requested_frames: int
-  dtype: str
   output: Path
   report: Path
   latents: Path | None
@@ -170,7 +168,7 @@ def chunks_for_frames(frames: int, config: ModelConfig) -> int:
 # ---- validation ------------------------------------------------------------------------------------
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
   raise GenerateError(message)
 
 
@@ -333,7 +331,8 @@ def plan(options: GenerateOptions) -> Plan:
     if not (model_dir / MODEL_DIR_LAYOUT["checkpoint"]).is_dir():
       _fail(f"--model_dir={options.model_dir} has no {MODEL_DIR_LAYOUT['checkpoint']}/ (the converted DiT); "
             f"expected subdirectories {', '.join(d + '/' for d in MODEL_DIR_LAYOUT.values())}")
-    fill = {name: str(model_dir / sub) if (model_dir / sub).is_dir() else None for name, sub in MODEL_DIR_LAYOUT.items()}
+    fill = {name: str(model_dir / sub) if (model_dir / sub).is_dir() else None
+            for name, sub in MODEL_DIR_LAYOUT.items()}
   paths = {name: getattr(options, name) or fill[name] for name in MODEL_DIR_LAYOUT}
 
   # Conflicting flags.
@@ -425,10 +424,10 @@ def plan(options: GenerateOptions) -> Plan:
   if checkpoint is None:
     notes.insert(0, f"SMOKE RUN: random weights ({options.preset or DEFAULT_PRESET} preset), no checkpoint: this "
                     "tests the pipeline; the pictures mean nothing")
-  return Plan(options=options, config=config, checkpoint=checkpoint, checkpoint_record=record, vae=vae,
+  return Plan(options=options, config=config, checkpoint=checkpoint, vae=vae,
               text_encoder=text_encoder, tokenizer=tokenizer, conditioning=conditioning, prompts=tuple(prompts),
               batch_size=batch_size, num_chunks=num_chunks, requested_frames=requested_frames,
-              dtype=options.dtype or "auto", output=output, report=report, latents=latents, pixel_scale=pixel_scale, notes=tuple(notes))
+              output=output, report=report, latents=latents, pixel_scale=pixel_scale, notes=tuple(notes))
 
 
 # ---- pixels ----------------------------------------------------------------------------------------
@@ -568,7 +567,7 @@ def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None
     from omnimem_jax.rollout import Rollout  # noqa: PLC0415
 
     on_cpu = jax.devices()[0].platform == "cpu"
-    dtype = jnp.dtype(plan.dtype if plan.dtype != "auto" else "float32" if on_cpu else "bfloat16")
+    dtype = jnp.dtype(options.dtype or ("float32" if on_cpu else "bfloat16"))
     for note in plan.notes:
       print(note, file=out)
     print(f"generating {plan.num_chunks} chunks = {plan.frames} frames ({plan.frames / config.fps:.2f} s at "
@@ -669,7 +668,8 @@ def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None
   }
   _atomic_write(plan.report, lambda file: file.write((json.dumps(report, indent=2) + "\n").encode()))
   print(f"{'SMOKE RUN (random weights): ' if plan.smoke else ''}wrote {plan.output} ({plan.frames} frames, "
-        f"{plan.width}x{plan.height}) and {plan.report}; DiT {dit_seconds:.2f} s = {report['timing']['dit_fps']:.1f} FPS"
+        f"{plan.width}x{plan.height}) and {plan.report}; DiT {dit_seconds:.2f} s = "
+        f"{report['timing']['dit_fps']:.1f} FPS"
         + (f" ({steady_fps:.1f} FPS after chunk 0, which compiles)" if steady_fps else "")
         + f"; end to end {total_seconds:.1f} s; {report['memory']['chunks_dropped']} chunks dropped from memory",
         file=out)

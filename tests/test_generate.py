@@ -3,6 +3,7 @@ directory (DiT, VAE, umT5 and tokenizer checkpoints) with prompt switches and sl
 (one-line error, exit code 2, nothing written, before any weights load)."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -223,9 +224,9 @@ def test_omnimem_on_a_checkpoint_without_gates(tmp_path):
     (["--attention=sparse"], "error: flag --attention=sparse"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, flags, message):
-  result = subprocess.run([sys.executable, str(ROOT / "experiments/generate.py"), *flags,
-                           f"--output={tmp_path / 'out.mp4'}"], capture_output=True, text=True, cwd=tmp_path,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}, timeout=120)
+  command = [sys.executable, str(ROOT / "experiments/generate.py"), *flags, f"--output={tmp_path / 'out.mp4'}"]
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
   assert result.returncode == 2, result.stderr
   assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith(message)
   assert list(tmp_path.iterdir()) == []
