@@ -85,7 +85,8 @@ def merge(paths: Sequence[str], output: str, plot: str | None) -> None:
   runs = [json.load(open(path)) for path in paths]
   report = {key: runs[0][key] for key in ("device", "jax", "preset", "dtype", "batch")}
   report["results"] = [run["result"] for run in runs]
-  by_mode = {result["mode"]: result for result in report["results"]}
+  label = lambda r: r["mode"] if r.get("implementation", "default") == "default" else f"{r['mode']}[{r['implementation']}]"  # noqa: E731
+  by_mode = {label(result): result for result in report["results"]}
   if "window" in by_mode and by_mode["window"]["steady_mean_chunk_seconds"]:
     window = by_mode["window"]["steady_mean_chunk_seconds"]
     report["ratio_to_window"] = {mode: r["steady_mean_chunk_seconds"] / window
@@ -99,11 +100,11 @@ def merge(paths: Sequence[str], output: str, plot: str | None) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     figure, (latency, memory) = plt.subplots(1, 2, figsize=(11, 4))
-    for result in report["results"]:
+    for result in (r for r in report["results"] if r["chunks_done"] > 1):  # failed runs are in the JSON only
       seconds = np.arange(1, result["chunks_done"]) * 0.75
-      latency.plot(seconds, result["chunk_seconds"][1:], label=result["mode"])
-      if result["peak_bytes_in_use"]:
-        memory.bar(result["mode"], result["peak_bytes_in_use"] / 2**30)
+      latency.plot(seconds, result["chunk_seconds"][1:], label=label(result))
+      if result["chunks_done"]:
+        memory.bar(label(result), result["peak_bytes_in_use"] / 2**30)
     latency.set(xlabel="video length (s)", ylabel="DiT seconds per chunk (5 calls)", title=report["device"])
     latency.legend()
     memory.set(ylabel="peak device memory (GiB)", title=f"{report['results'][0]['chunks_requested']} chunks")
