@@ -85,3 +85,20 @@ def test_check_layer_reports_capacity_mismatch():
   layer = jax.tree.map(lambda x: x[0], store.init_store(tiny(capacity_chunks=5), 1, jnp.float32).layers)
   with pytest.raises(ValueError, match=r"store field k must be \[batch, 4 heads, 4, 96, 16\].*capacity_chunks=4"):
     store.check_layer(layer, config)
+
+
+def test_store_layer_chunk_writes_only_that_slot_of_that_layer():
+  config = tiny(capacity_chunks=4)
+  rng = np.random.default_rng(0)
+  stacked = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
+                         store.init_store(config, 2, jnp.float32, num_layers=3).layers)
+  layer = jax.tree.map(lambda x: x[1], stacked)
+  shape = (2, config.tokens_per_chunk, config.num_heads, config.head_dim)
+  k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+  updated = store.write_chunk(layer, k, v, 6, config)  # chunk 6 -> slot 2
+  result = store.store_layer_chunk(stacked, jnp.int32(1), updated, 6, config)
+  for name in ("k", "v", "k_pooled", "v_pooled"):
+    np.testing.assert_array_equal(getattr(result, name)[1], getattr(updated, name))
+    np.testing.assert_array_equal(getattr(result, name)[0], getattr(stacked, name)[0])
+    np.testing.assert_array_equal(getattr(result, name)[2], getattr(stacked, name)[2])
+  assert not np.array_equal(result.k[1, :, :, 2], stacked.k[1, :, :, 2])

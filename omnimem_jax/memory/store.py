@@ -104,3 +104,25 @@ def write_chunk(layer: LayerKV, k: Float[Array, "b n h d"], v: Float[Array, "b n
       k_pooled=put(layer.k_pooled, pool(k_heads), slot * blocks),
       v_pooled=put(layer.v_pooled, pool(v_heads), slot * blocks),
   )
+
+
+def store_layer_chunk(layers: LayerKV, layer_index: Int[Array, ""], layer: LayerKV,
+                      chunk_index: int | Int[Array, ""], config: ModelConfig) -> LayerKV:
+  """Copies chunk c's slot (K/V and pooled entries) of one updated `layer` into the stacked `layers`.
+
+  Only the slot is written, in place when `layers` is a scan carry; writing the whole layer back
+  would copy every slot of the history on every call.
+  """
+  slot = slot_of_chunk(chunk_index, config.memory)
+  blocks = config.blocks_per_chunk
+
+  def put(stacked, updated, start, size, axis):
+    part = jax.lax.dynamic_slice_in_dim(updated, start, size, axis=axis)
+    starts = [jnp.int32(0)] * stacked.ndim
+    starts[0], starts[axis + 1] = jnp.asarray(layer_index, jnp.int32), jnp.asarray(start, jnp.int32)
+    return jax.lax.dynamic_update_slice(stacked, part[None].astype(stacked.dtype), starts)
+
+  return LayerKV(k=put(layers.k, layer.k, slot, 1, 2), v=put(layers.v, layer.v, slot, 1, 2),
+                 k_pooled=put(layers.k_pooled, layer.k_pooled, slot * blocks, blocks, 2),
+                 v_pooled=put(layers.v_pooled, layer.v_pooled, slot * blocks, blocks, 2))
+

@@ -30,7 +30,7 @@ from jaxtyping import Array, Float, Int
 
 from omnimem_jax.config import ModelConfig
 from omnimem_jax.memory import select
-from omnimem_jax.memory.store import KVStore, LayerKV, assign_slot
+from omnimem_jax.memory.store import KVStore, LayerKV, assign_slot, store_layer_chunk
 from omnimem_jax.model import rope
 from omnimem_jax.model.attention import GATE_ORDER, chunk_self_attention, default_dense_implementation
 from omnimem_jax.model.layout import from_block_order, to_block_order
@@ -267,9 +267,12 @@ class CausalWanModel(nnx.Module):
     return x, e, e0
 
   def _run_blocks(self, x: jax.Array, e0: jax.Array, cos: jax.Array, sin: jax.Array, cross: CrossKV,
-                  attend: AttendFn, layers: LayerKV | None) -> tuple[jax.Array, LayerKV | None, Any]:
-    """Scans the stacked blocks. The stacked store rides in the carry and each layer's update is
-    written back in place: as scan inputs and outputs it would need a second store-sized buffer.
+                  attend: AttendFn, layers: LayerKV | None,
+                  write_back: Callable[[LayerKV, jax.Array, LayerKV], LayerKV] | None = None
+                  ) -> tuple[jax.Array, LayerKV | None, Any]:
+    """Scans the stacked blocks. The stacked store rides in the carry and `write_back(layers, index,
+    updated_layer)` stores what a layer changed, in place: as scan inputs and outputs the store would
+    need a second store-sized buffer.
 
     Returns (x, updated layers, per-layer extras stacked by the scan).
     """
@@ -281,7 +284,7 @@ class CausalWanModel(nnx.Module):
       layer = None if layers is None else jax.tree.map(lambda a: a[index], layers)
       x, (new_layer, extra) = nnx.merge(graphdef, block_params)(x, e0, cos, sin, (cross_k, cross_v), attend, layer)
       if layers is not None:
-        layers = jax.tree.map(lambda a, new: jax.lax.dynamic_update_index_in_dim(a, new, index, 0), layers, new_layer)
+        layers = write_back(layers, index, new_layer)
       return (x, layers), extra
 
     indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
@@ -357,7 +360,10 @@ class CausalWanModel(nnx.Module):
       distances = select.retrieval_distances(ids, slot_chunk, chunk_index, c)
       return out, (layer, select.retrieval_histogram(distances, c.memory.capacity_chunks))
 
-    x, new_layers, histograms = self._run_blocks(x, e0, cos, sin, cross, attend, layers)
+    def write_back(layers: LayerKV, index: jax.Array, layer: LayerKV) -> LayerKV:
+      return store_layer_chunk(layers, index, layer, chunk_index, c)  # only chunk c's slot changed
+
+    x, new_layers, histograms = self._run_blocks(x, e0, cos, sin, cross, attend, layers, write_back)
     velocity = self._unembed(x, e, c.memory.frames_per_chunk)
     new_store = KVStore(layers=new_layers, slot_chunk=slot_chunk)
     return (velocity, new_store, histograms) if retrieval_histogram else (velocity, new_store)
