@@ -11,6 +11,7 @@ FLOPs over that ceiling as the floor. Writes JSON to --output.
       --output=benchmarks/results/dit_chunk_h100_bf16.json
 """
 
+import functools
 import json
 import statistics
 import time
@@ -33,15 +34,25 @@ _OUTPUT = flags.DEFINE_string("output", None, "JSON output path.", required=True
 
 
 def filled_store(config: ModelConfig, history: int, key: jax.Array) -> KVStore:
-  """A store whose first `history` slots hold random bf16 K/V (and their block means)."""
+  """A store whose first `history` slots hold random bf16 K/V (and their block means), filled one
+  layer at a time in place so that even an 80-chunk store fits beside its filling."""
   store = init_store(config, batch_size=1)
-  k = jax.random.normal(key, store.layers.k.shape, jnp.bfloat16)
-  v = jax.random.normal(jax.random.fold_in(key, 1), store.layers.v.shape, jnp.bfloat16)
-  shape = (*k.shape[:-2], config.blocks_per_chunk, config.memory.block_tokens, config.head_dim)
-  pool = lambda x: x.reshape(shape).astype(jnp.float32).mean(-2).reshape(store.layers.k_pooled.shape)  # noqa: E731
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def fill(layers: LayerKV) -> LayerKV:
+    def one_layer(index, layers):
+      k = jax.random.normal(jax.random.fold_in(key, 2 * index), layers.k.shape[1:], jnp.bfloat16)
+      v = jax.random.normal(jax.random.fold_in(key, 2 * index + 1), layers.v.shape[1:], jnp.bfloat16)
+      shape = (*k.shape[:-2], config.blocks_per_chunk, config.memory.block_tokens, config.head_dim)
+      pool = lambda x: x.reshape(shape).mean(-2, dtype=jnp.float32).reshape(layers.k_pooled.shape[1:])  # noqa: E731
+      new = LayerKV(k, v, pool(k).astype(jnp.bfloat16), pool(v).astype(jnp.bfloat16))
+      return jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n, index, 0), layers, new)
+
+    return jax.lax.fori_loop(0, config.num_layers, one_layer, layers)
+
   slot_chunk = jnp.where(jnp.arange(config.memory.capacity_chunks) < history,
                          jnp.arange(config.memory.capacity_chunks, dtype=jnp.int32), -1)
-  return KVStore(LayerKV(k, v, pool(k).astype(jnp.bfloat16), pool(v).astype(jnp.bfloat16)), slot_chunk)
+  return KVStore(fill(store.layers), slot_chunk)
 
 
 def chunk_flops(config: ModelConfig, history: int) -> float:
