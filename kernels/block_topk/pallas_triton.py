@@ -34,9 +34,10 @@ def _kernel(cand_ref, qbar_ref, kbar_ref, ids_ref, *, groups: int, num_blocks: i
   q = qbar_ref[row_index, :]
   q_parts = []
   rest = q
-  for _ in range(3):
-    q_parts.append(rest.astype(jnp.bfloat16))
-    rest = rest - q_parts[-1].astype(jnp.float32)
+  for _ in range(3):  # truncate to bf16 by masking bits: exact, and no compiler can elide it
+    top = lax.bitcast_convert_type(lax.bitcast_convert_type(rest, jnp.uint32) & jnp.uint32(0xFFFF0000), jnp.float32)
+    q_parts.append(top.astype(jnp.bfloat16))
+    rest = rest - top
   col = lax.iota(jnp.int32, tile)[None, :]
   slot = lax.iota(jnp.int32, top_k)[None, :]
 
