@@ -147,3 +147,16 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
       node = node.setdefault(key, {})
     node[path[-1]] = value
   return tree
+
+
+def place_like_params(module: nnx.Module, tree: Any) -> Any:
+  """`tree` (e.g. a fresh KV store or VAE cache) replicated over the mesh `module`'s parameters live on.
+
+  A restored module lives on a mesh and the state its calls return carries that mesh; a first state
+  without it would make the second call compile again.
+  """
+  sharding = jax.tree.leaves(nnx.state(module, nnx.Param))[0].sharding
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return tree
+  return jax.device_put(tree, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+

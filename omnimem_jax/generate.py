@@ -530,19 +530,6 @@ def _prompt_embeddings(plan: Plan) -> list[Any]:
   return [jnp.pad(e, ((0, 0), (0, config.text_len - e.shape[1]), (0, 0))) for e in embeddings]
 
 
-def _place_like(module: Any, tree: Any) -> Any:
-  """`tree` (a fresh KV store or VAE cache) replicated over the mesh that `module`'s parameters live
-  on, if any. A restored module lives on a (one-device) mesh and the state its calls return carries
-  that mesh; a first state without it would make the second call compile again."""
-  import jax  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-
-  sharding = jax.tree.leaves(nnx.state(module, nnx.Param))[0].sharding
-  if not isinstance(sharding, jax.sharding.NamedSharding):
-    return tree
-  return jax.device_put(tree, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
-
-
 def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None) -> dict[str, Any]:
   """Generates the video the plan describes; writes the mp4, the report (and latents); returns the report.
 
@@ -561,7 +548,6 @@ def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None
     from flax import nnx  # noqa: PLC0415
 
     from omnimem_jax.convert import wan_dit, wan_vae  # noqa: PLC0415
-    from omnimem_jax.memory.store import init_store  # noqa: PLC0415
     from omnimem_jax.model.vae import to_uint8  # noqa: PLC0415
     from omnimem_jax.model.wan import CausalWanModel  # noqa: PLC0415
     from omnimem_jax.rollout import Rollout  # noqa: PLC0415
@@ -586,15 +572,13 @@ def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None
 
     vae = None if plan.vae is None else wan_vae.restore_vae(plan.vae)
     decode = nnx.jit(lambda v, x, cache, first: v.decode_chunk(x, cache, first=first), static_argnames="first")
-    cache = None if vae is None else _place_like(vae, vae.init_decode_cache(plan.batch_size, config.latent_height,
-                                                                            config.latent_width))
+    cache = None if vae is None else checkpoints.place_like_params(
+        vae, vae.init_decode_cache(plan.batch_size, config.latent_height, config.latent_width))
 
     retrieval = options.retrieval_stats and config.memory.mode == "omnimem"
     rollout = Rollout(model, SamplerConfig(), batch_size=plan.batch_size, store_dtype=dtype, retrieval=retrieval)
     latents, histograms, wall, decode_seconds = [], [], [], 0.0
-    store = _place_like(model, init_store(config, plan.batch_size, dtype))
-    for segment in rollout.stream(prompts, plan.num_chunks, options.seed, recache_chunks=plan.recache_chunks,
-                                  store=store):
+    for segment in rollout.stream(prompts, plan.num_chunks, options.seed, recache_chunks=plan.recache_chunks):
       chunk_start = time.perf_counter() - segment.seconds
       chunk_latents = np.asarray(segment.latents, np.float32)  # [B, C, 3, H, W]
       if vae is None:

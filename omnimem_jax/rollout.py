@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from omnimem_jax import checkpoints
 from omnimem_jax.config import SamplerConfig
 from omnimem_jax.memory.store import KVStore, init_store, slot_of_chunk
 from omnimem_jax.model import rope
@@ -155,7 +156,9 @@ class Rollout:
     if any(start % segment_chunks for start in starts):
       raise ValueError(f"prompt switches {starts} must fall on segment boundaries (multiples of {segment_chunks})")
     config = self.model.config
-    self.store = init_store(config, self.batch_size, self.store_dtype) if store is None else store
+    if store is None:  # on the model's mesh, so the second chunk does not compile again
+      store = checkpoints.place_like_params(self.model, init_store(config, self.batch_size, self.store_dtype))
+    self.store = store
     key = jax.random.key(seed)
     switches = dict(prompts)
     recent: list[tuple[int, jax.Array]] = []  # clean latents of the last recache_chunks chunks
