@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,3 +80,18 @@ def test_gpu_kernel_matches_xla_at_the_real_shape():
   expected = select.select_blocks(q, k_pooled, slot_chunk, 9, config, implementation="xla")
   _assert_same_selection(ids, expected, _scores(q, k_pooled, config, slot_chunk, 9))
 
+
+
+@pytest.mark.parametrize("integers", [False, True])  # integers: exact ties, also at the pass-1 bound
+def test_many_tiles_prune_by_the_tile_maxima_bound(integers):
+  from kernels.block_topk import pallas_triton
+
+  rng = np.random.default_rng(3)
+  draw = (lambda shape: rng.integers(-2, 3, shape)) if integers else rng.standard_normal
+  qbar = jnp.asarray(draw((1, 2, 20, 16)), jnp.float32)
+  k_pooled = jnp.asarray(draw((1, 2, 600, 16)), jnp.bfloat16)  # 38 tiles of 16: the bound is finite
+  candidates = jnp.asarray(rng.random(600) < 0.8)
+  ids = pallas_triton.block_top_k(qbar, k_pooled, candidates, top_k=16, divisor=4.0, interpret=True, tile=16)
+  scores = jnp.einsum("bhgd,bhjd->bhgj", qbar, k_pooled.astype(jnp.float32), precision="highest") / 4.0
+  _, expected = jax.lax.top_k(jnp.where(candidates, scores, -jnp.inf), 16)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(jnp.where(candidates[expected], expected, -1)))
