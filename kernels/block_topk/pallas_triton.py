@@ -2,14 +2,12 @@
 
 `lax.top_k` over 12,480 pooled blocks for each of 12 x 312 (head, group) rows took 2.75 ms on an
 H100 (XLA sorts every row); the scores themselves take 0.4 ms to materialise. Here one program owns
-16 group rows of one (batch, head) and streams the head's pooled keys 128 blocks at a time, scoring
-each tile on the tensor cores (bf16 keys, the f32 query split into three bf16 pieces: f32-exact
-products with the keys left in bf16 registers; f32 keys take 3xTF32). The score matrix is never
-written to HBM. Two passes over the keys (they stay in L2): the first keeps the k largest tile maxima
-per row, whose smallest is a lower bound on the row's k-th best score; the second rescores and moves
-only the scores above that bound into a running top-k list, one per iteration while the tile's best
-beats the list's k-th best. Inserting every score instead (one pass) cost 0.44 ms at 80 chunks on an
-H100, most of it in those serial insertions.
+16 group rows of one (batch, head): it streams the head's pooled keys 128 blocks at a time, scores the
+tile on the tensor cores (bf16 keys, the f32 query split into three bf16 pieces: f32-exact products,
+with the keys left in bf16 registers; f32 keys take 3xTF32) and keeps a running top-k per row in registers.
+A tile is merged by repeatedly moving its best entry into the running list while that entry beats the
+row's current k-th best, so once the list is warm most tiles cost one comparison (the score matrix is
+never written to HBM).
 
 Semantics match `lax.top_k` followed by the candidate mask of `select.select_blocks`: best first,
 ties go to the lower block id, non-candidates never enter, and slots left empty hold -1.
@@ -61,7 +59,8 @@ def _kernel(cand_ref, qbar_ref, kbar_ref, ids_ref, *, groups: int, num_blocks: i
     _, top, _, _, floor, _ = state
     return jnp.max((top > floor).astype(jnp.int32)) > 0
 
-  def tile_scores(t):
+  def step(t, carry):
+    best, best_id = carry
     base = t * tile
     block = jnp.minimum(base + col[0], num_blocks - 1)
     k = kbar_ref[block, :]
@@ -72,30 +71,14 @@ def _kernel(cand_ref, qbar_ref, kbar_ref, ids_ref, *, groups: int, num_blocks: i
     else:
       s = lax.dot_general(q, k.astype(jnp.float32), (((1,), (1,)), ((), ())), precision=precision,
                           preferred_element_type=jnp.float32)
-    return jnp.where(ok[None, :], s / divisor, -jnp.inf)
-
-  # Pass 1: the k-th largest tile maximum bounds the k-th largest score from below (k tiles each
-  # hold a score at least that large), one vector update per tile.
-  def tile_maxima(t, maxima):
-    top = jnp.max(tile_scores(t), axis=1)
-    lowest = jnp.argmin(maxima, axis=1).astype(jnp.int32)
-    replace = (top > jnp.min(maxima, axis=1))[:, None] & (slot == lowest[:, None])
-    return jnp.where(replace, top[:, None], maxima)
-
-  tiles = pl.cdiv(num_blocks, tile)
-  bound = jnp.min(lax.fori_loop(0, tiles, tile_maxima, jnp.full((ROWS, top_k), -jnp.inf, jnp.float32)), axis=1)
-
-  # Pass 2: rescore and insert only the few scores >= bound (ties at the bound stay in).
-  def step(t, carry):
-    best, best_id = carry
-    s = tile_scores(t)
-    s = jnp.where(s >= bound[:, None], s, -jnp.inf)
-    state = (s, jnp.max(s, axis=1), best, best_id, jnp.min(best, axis=1), t * tile)
+    s = s / divisor
+    s = jnp.where(ok[None, :], s, -jnp.inf)
+    state = (s, jnp.max(s, axis=1), best, best_id, jnp.min(best, axis=1), base)
     _, _, best, best_id, _, _ = lax.while_loop(needs_merge, merge, state)
     return best, best_id
 
   init = (jnp.full((ROWS, top_k), -jnp.inf, jnp.float32), jnp.full((ROWS, top_k), -1, jnp.int32))
-  best, best_id = lax.fori_loop(0, tiles, step, init)
+  best, best_id = lax.fori_loop(0, pl.cdiv(num_blocks, tile), step, init)
 
   def emit(j, carry):  # best first; ties by lower id; empty (-inf) slots give -1
     best, best_id, taken, out = carry
