@@ -149,6 +149,13 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
   return tree
 
 
+def module_with_params(create: Callable[[], nnx.Module], params: Mapping[str, Any]) -> nnx.Module:
+  """`create()` built abstractly (no random init) and filled with `params`, a pure dict of arrays."""
+  graphdef, state = nnx.split(nnx.eval_shape(create))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, dict(params)))
+  return nnx.merge(graphdef, state)
+
+
 def place_like_params(module: nnx.Module, tree: Any) -> Any:
   """`tree` (e.g. a fresh KV store or VAE cache) replicated over the mesh `module`'s parameters live on.
 

@@ -34,11 +34,7 @@ def run_chunk(model, config, chunk_inputs):
 
 def direct_model(config):
   params, _ = wan_dit.convert_state_dict(sd.load_state_dict(ORIGINAL), config, dtype=jnp.float32)
-  model = CausalWanModel(config, rngs=nnx.Rngs(5))
-  weights = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(weights, params)
-  nnx.update(model, weights)
-  return model
+  return checkpoints.module_with_params(lambda: CausalWanModel(config, rngs=nnx.Rngs(0)), params)
 
 
 @pytest.fixture(scope="module")

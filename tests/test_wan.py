@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from omnimem_jax import checkpoints
 from omnimem_jax.config import MemoryConfig, ModelConfig
 from omnimem_jax.convert import state_dict, wan_dit
 from omnimem_jax.memory.store import init_store, slot_of_chunk
@@ -26,11 +27,7 @@ def relative_error(actual, expected):
 def model_from_fixture(layout, config):
   params, _ = wan_dit.convert_state_dict(state_dict.load_state_dict(f"{FIXTURES}/wan_dit_{layout}.safetensors"),
                                          config, dtype=jnp.float32)
-  model = CausalWanModel(config, rngs=nnx.Rngs(123))
-  weights = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(weights, params)
-  nnx.update(model, weights)
-  return model
+  return checkpoints.module_with_params(lambda: CausalWanModel(config, rngs=nnx.Rngs(0)), params)
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "original"])

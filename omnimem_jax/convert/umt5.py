@@ -123,10 +123,7 @@ def text_encoder_params(state: Mapping[str, np.ndarray], config: TextEncoderConf
 
 def text_encoder_from_state_dict(state: Mapping[str, np.ndarray], config: TextEncoderConfig) -> UMT5Encoder:
   """A `UMT5Encoder` holding the converted weights of `state` (built abstractly, then filled)."""
-  params = text_encoder_params(state, config)
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: UMT5Encoder(config, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(abstract_state, jax.tree.map(jnp.asarray, params))
-  return nnx.merge(graphdef, abstract_state)
+  return checkpoints.module_with_params(lambda: UMT5Encoder(config, rngs=nnx.Rngs(0)), text_encoder_params(state, config))
 
 
 def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, config: TextEncoderConfig, *,

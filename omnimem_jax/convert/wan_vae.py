@@ -163,10 +163,7 @@ def vae_params(state: Mapping[str, np.ndarray], config: VAEConfig) -> dict[Any, 
 
 def vae_from_state_dict(state: Mapping[str, np.ndarray], config: VAEConfig) -> WanVAE:
   """A `WanVAE` holding the converted weights of `state` (built abstractly, then filled)."""
-  params = vae_params(state, config)
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(abstract_state, jax.tree.map(jnp.asarray, params))
-  return nnx.merge(graphdef, abstract_state)
+  return checkpoints.module_with_params(lambda: WanVAE(config, rngs=nnx.Rngs(0)), vae_params(state, config))
 
 
 def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, config: VAEConfig, *,
