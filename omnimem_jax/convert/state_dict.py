@@ -205,3 +205,26 @@ def check_names_and_shapes(expected: Mapping[str, tuple[int, ...]], got: Mapping
         lines.append(f"    ... and {len(items) - 50} more")
   lines.append("  Check that the checkpoint is the right kind and the preset / config matches it.")
   raise ValueError("\n".join(lines))
+
+
+def nest(flat: Mapping[str, Any]) -> dict[Any, Any]:
+  """{"a.0.b": x} -> {"a": {0: {"b": x}}}: dotted parameter paths to the nested pure dict of
+  `nnx.to_pure_dict` (integer keys for list entries)."""
+  tree: dict[Any, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    parts = [int(part) if part.isdigit() else part for part in path.split(".")]
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = value
+  return tree
+
+
+def flatten(tree: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
+  """The inverse of `nest`: a nested pure dict to {dotted path: leaf}."""
+  flat: dict[str, Any] = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    flat.update(flatten(value, path + ".") if isinstance(value, Mapping) else {path: value})
+  return flat
+

@@ -28,6 +28,7 @@ from omnimem_jax.config import MemoryConfig, ModelConfig
 from omnimem_jax.convert import state_dict as sd
 from omnimem_jax.model.wan import CausalWanModel, initial_gate_params
 
+_LOG = logging.getLogger(__name__)
 CHECKPOINT_KIND = "wan_dit"
 GATE_WARNING = ("OmniMem gates were freshly initialised (all gates ~0.5): this checkpoint was not trained with "
                 "OmniMem, so omnimem-mode output is NOT meaningful until the gates are trained. Use window / "
@@ -51,39 +52,39 @@ DIFFUSERS_TO_ORIGINAL: tuple[tuple[str, str | Callable[[re.Match], str]], ...] =
     (r"\.ffn\.net\.2\.", ".ffn.2."),
 )
 
-# (model parameter path, original key, transform). Block entries are per layer ("blocks.{i}.").
+# (dotted model parameter path, original key, transform). Block entries are per layer ("blocks.{i}.").
 _TOP_LEVEL = (
-    ("patch_embedding/kernel", "patch_embedding.weight", "conv"),
-    ("patch_embedding/bias", "patch_embedding.bias", "copy"),
-    ("text_embedding/linear_in/kernel", "text_embedding.0.weight", "linear"),
-    ("text_embedding/linear_in/bias", "text_embedding.0.bias", "copy"),
-    ("text_embedding/linear_out/kernel", "text_embedding.2.weight", "linear"),
-    ("text_embedding/linear_out/bias", "text_embedding.2.bias", "copy"),
-    ("time_embedding/linear_in/kernel", "time_embedding.0.weight", "linear"),
-    ("time_embedding/linear_in/bias", "time_embedding.0.bias", "copy"),
-    ("time_embedding/linear_out/kernel", "time_embedding.2.weight", "linear"),
-    ("time_embedding/linear_out/bias", "time_embedding.2.bias", "copy"),
-    ("time_projection/kernel", "time_projection.1.weight", "linear"),
-    ("time_projection/bias", "time_projection.1.bias", "copy"),
+    ("patch_embedding.kernel", "patch_embedding.weight", "conv"),
+    ("patch_embedding.bias", "patch_embedding.bias", "copy"),
+    ("text_embedding.linear_in.kernel", "text_embedding.0.weight", "linear"),
+    ("text_embedding.linear_in.bias", "text_embedding.0.bias", "copy"),
+    ("text_embedding.linear_out.kernel", "text_embedding.2.weight", "linear"),
+    ("text_embedding.linear_out.bias", "text_embedding.2.bias", "copy"),
+    ("time_embedding.linear_in.kernel", "time_embedding.0.weight", "linear"),
+    ("time_embedding.linear_in.bias", "time_embedding.0.bias", "copy"),
+    ("time_embedding.linear_out.kernel", "time_embedding.2.weight", "linear"),
+    ("time_embedding.linear_out.bias", "time_embedding.2.bias", "copy"),
+    ("time_projection.kernel", "time_projection.1.weight", "linear"),
+    ("time_projection.bias", "time_projection.1.bias", "copy"),
     ("head_modulation", "head.modulation", "unsqueeze"),
-    ("head/kernel", "head.head.weight", "linear"),
-    ("head/bias", "head.head.bias", "copy"),
+    ("head.kernel", "head.head.weight", "linear"),
+    ("head.bias", "head.head.bias", "copy"),
 )
 _PER_BLOCK = (
     ("modulation", "modulation", "unsqueeze"),
-    *((f"{attn}/{proj}/kernel", f"{attn}.{proj}.weight", "linear")
+    *((f"{attn}.{proj}.kernel", f"{attn}.{proj}.weight", "linear")
       for attn in ("self_attn", "cross_attn") for proj in ("q", "k", "v", "o")),
-    *((f"{attn}/{proj}/bias", f"{attn}.{proj}.bias", "copy")
+    *((f"{attn}.{proj}.bias", f"{attn}.{proj}.bias", "copy")
       for attn in ("self_attn", "cross_attn") for proj in ("q", "k", "v", "o")),
-    *((f"{attn}/norm_{x}", f"{attn}.norm_{x}.weight", "copy") for attn in ("self_attn", "cross_attn") for x in "qk"),
-    ("self_attn/g_proj/kernel", "self_attn.g_proj.weight", "linear"),
-    ("self_attn/g_proj/bias", "self_attn.g_proj.bias", "copy"),
+    *((f"{attn}.norm_{x}", f"{attn}.norm_{x}.weight", "copy") for attn in ("self_attn", "cross_attn") for x in "qk"),
+    ("self_attn.g_proj.kernel", "self_attn.g_proj.weight", "linear"),
+    ("self_attn.g_proj.bias", "self_attn.g_proj.bias", "copy"),
     ("norm_cross_scale", "norm3.weight", "copy"),
     ("norm_cross_bias", "norm3.bias", "copy"),
-    ("ffn/linear_in/kernel", "ffn.0.weight", "linear"),
-    ("ffn/linear_in/bias", "ffn.0.bias", "copy"),
-    ("ffn/linear_out/kernel", "ffn.2.weight", "linear"),
-    ("ffn/linear_out/bias", "ffn.2.bias", "copy"),
+    ("ffn.linear_in.kernel", "ffn.0.weight", "linear"),
+    ("ffn.linear_in.bias", "ffn.0.bias", "copy"),
+    ("ffn.linear_out.kernel", "ffn.2.weight", "linear"),
+    ("ffn.linear_out.bias", "ffn.2.bias", "copy"),
 )
 
 
@@ -136,17 +137,16 @@ def has_gates(state: Mapping[str, Any]) -> bool:
 
 
 def _abstract_params(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
-  """'/'-joined model parameter path -> abstract array, from the model built abstractly."""
+  """Dotted model parameter path -> abstract array, from the model built abstractly."""
   model = nnx.eval_shape(lambda: CausalWanModel(config, rngs=nnx.Rngs(0)))
-  flat = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+  return sd.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def _parameter_table(config: ModelConfig) -> list[tuple[str, str | list[str], str]]:
   """(model path, original key or per-layer keys, transform) for every parameter of the model."""
   table: list[tuple[str, str | list[str], str]] = list(_TOP_LEVEL)
   for path, key, transform in _PER_BLOCK:
-    table.append((f"blocks/{path}", [f"blocks.{i}.{key}" for i in range(config.num_layers)], transform))
+    table.append((f"blocks.{path}", [f"blocks.{i}.{key}" for i in range(config.num_layers)], transform))
   return table
 
 
@@ -167,7 +167,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig, *, 
   state = to_original_names(state)
   wants_gates = config.memory.mode == "omnimem"
   if has_gates(state) and not wants_gates:
-    logging.warning("the checkpoint has OmniMem gates (self_attn.g_proj); %s mode does not use them, so they are "
+    _LOG.warning("the checkpoint has OmniMem gates (self_attn.g_proj); %s mode does not use them, so they are "
                     "dropped", config.memory.mode)
     state = {key: value for key, value in state.items() if ".self_attn.g_proj." not in key}
   fill_gates = wants_gates and not has_gates(state)
@@ -195,18 +195,11 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig, *, 
     else:
       flat[path] = _to_model(state[keys], transform).astype(dtype)
   if fill_gates:
-    logging.warning(GATE_WARNING)
+    _LOG.warning(GATE_WARNING)
     notes["gates_initialised"] = True
     gates = initial_gate_params(config, jax.random.key(seed), dtype)
-    flat.update({f"blocks/self_attn/g_proj/{name}": np.asarray(value) for name, value in gates.items()})
-  params: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = params
-    *parents, leaf = path.split("/")
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[leaf] = value
-  return params, notes
+    flat.update({f"blocks.self_attn.g_proj.{name}": np.asarray(value) for name, value in gates.items()})
+  return sd.nest(flat), notes
 
 
 def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, config: ModelConfig, *,
@@ -249,14 +242,14 @@ def restore_model(directory: str | os.PathLike, *, memory: MemoryConfig | None =
   param_dtype = record["param_dtype"] if param_dtype is None else param_dtype
   wants_gates, saved_gates = config.memory.mode == "omnimem", record["has_gates"]
   if wants_gates and record.get("gates_initialised"):
-    logging.warning(GATE_WARNING)
+    _LOG.warning(GATE_WARNING)
   if wants_gates and not saved_gates and not init_missing_gates:
     raise ValueError(f"{directory} has no OmniMem gates (converted for {record['config']['memory']['mode']} mode); "
                      "run it in that mode, or pass init_missing_gates=True to start from untrained gates")
   if wants_gates and not saved_gates:
-    logging.warning(GATE_WARNING)
+    _LOG.warning(GATE_WARNING)
   if saved_gates and not wants_gates:
-    logging.warning("ignoring the checkpoint's OmniMem gates in %s mode", config.memory.mode)
+    _LOG.warning("ignoring the checkpoint's OmniMem gates in %s mode", config.memory.mode)
 
   def fill_gates(missing: dict[str, Any]) -> dict[str, Any]:
     gates = initial_gate_params(config, jax.random.key(0), param_dtype)

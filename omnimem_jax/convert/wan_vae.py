@@ -29,7 +29,8 @@ import numpy as np
 from flax import nnx
 
 from omnimem_jax import checkpoints
-from omnimem_jax.convert.state_dict import StateDict, check_names_and_shapes, conv_kernel, load_state_dict
+from omnimem_jax.convert.state_dict import (StateDict, check_names_and_shapes, conv_kernel, flatten,
+                                            load_state_dict, nest)
 from omnimem_jax.model.vae import VAEConfig, WanVAE
 
 CHECKPOINT_KIND = "wan_vae"
@@ -122,29 +123,6 @@ def _diffusers_to_nnx(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   return name, value
 
 
-def _nest(flat: Mapping[str, Any]) -> dict[Any, Any]:
-  """{"a.0.b": x} -> {"a": {0: {"b": x}}} (integer keys for list entries, as nnx.to_pure_dict has)."""
-  tree: dict[Any, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    parts = [int(p) if p.isdigit() else p for p in path.split(".")]
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-    node[parts[-1]] = value
-  return tree
-
-
-def _flat_shapes(tree: Mapping[Any, Any], prefix: str = "") -> dict[str, tuple[int, ...]]:
-  shapes = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      shapes.update(_flat_shapes(value, path + "."))
-    else:
-      shapes[path] = tuple(value.shape)
-  return shapes
-
-
 def vae_params(state: Mapping[str, np.ndarray], config: VAEConfig) -> dict[Any, Any]:
   """A VAE state dict (either layout) -> nested dict of arrays matching `nnx.state(WanVAE(config))`.
 
@@ -155,10 +133,11 @@ def vae_params(state: Mapping[str, np.ndarray], config: VAEConfig) -> dict[Any, 
     state = original_to_diffusers(state, config)
   converted = dict(_diffusers_to_nnx(key, value) for key, value in state.items())
   abstract = nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0)))
-  expected = _flat_shapes(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+  params = flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+  expected = {path: tuple(leaf.shape) for path, leaf in params.items()}
   check_names_and_shapes(expected, {k: v.shape for k, v in converted.items()}, "the Wan VAE checkpoint")
   dtype = np.dtype(jnp.dtype(config.param_dtype))
-  return _nest({key: np.asarray(value).astype(dtype) for key, value in converted.items()})
+  return nest({key: np.asarray(value).astype(dtype) for key, value in converted.items()})
 
 
 def vae_from_state_dict(state: Mapping[str, np.ndarray], config: VAEConfig) -> WanVAE:
