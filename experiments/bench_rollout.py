@@ -86,11 +86,10 @@ def merge(paths: Sequence[str], output: str, plot: str | None) -> None:
   report = {key: runs[0][key] for key in ("device", "jax", "preset", "dtype", "batch")}
   report["results"] = [run["result"] for run in runs]
   label = lambda r: r["mode"] if r.get("implementation", "default") == "default" else f"{r['mode']}[{r['implementation']}]"  # noqa: E731
-  by_mode = {label(result): result for result in report["results"]}
-  if "window" in by_mode and by_mode["window"]["steady_mean_chunk_seconds"]:
-    window = by_mode["window"]["steady_mean_chunk_seconds"]
-    report["ratio_to_window"] = {mode: r["steady_mean_chunk_seconds"] / window
-                                 for mode, r in by_mode.items() if r["steady_mean_chunk_seconds"]}
+  by_mode = {f"{label(r)}@{r['chunks_done']}": r for r in report["results"] if r["steady_mean_chunk_seconds"]}
+  window = next((r["steady_mean_chunk_seconds"] for name, r in by_mode.items() if name.startswith("window@")), None)
+  if window:  # mean DiT seconds per chunk over each completed run, relative to window mode's
+    report["ratio_to_window"] = {name: r["steady_mean_chunk_seconds"] / window for name, r in by_mode.items()}
   with open(output, "w") as f:
     json.dump(report, f, indent=2)
   print(f"wrote {output}")
@@ -103,11 +102,10 @@ def merge(paths: Sequence[str], output: str, plot: str | None) -> None:
     for result in (r for r in report["results"] if r["chunks_done"] > 1):  # failed runs are in the JSON only
       seconds = np.arange(1, result["chunks_done"]) * 0.75
       latency.plot(seconds, result["chunk_seconds"][1:], label=label(result))
-      if result["chunks_done"]:
-        memory.bar(label(result), result["peak_bytes_in_use"] / 2**30)
+      memory.bar(f"{label(result)}\n{result['chunks_done']} chunks", result["peak_bytes_in_use"] / 2**30)
     latency.set(xlabel="video length (s)", ylabel="DiT seconds per chunk (5 calls)", title=report["device"])
     latency.legend()
-    memory.set(ylabel="peak device memory (GiB)", title=f"{report['results'][0]['chunks_requested']} chunks")
+    memory.set(ylabel="peak device memory (GiB)", title="peak memory of each completed run")
     figure.tight_layout()
     figure.savefig(plot, dpi=120)
     print(f"wrote {plot}")
