@@ -23,7 +23,7 @@ from absl import app, flags
 from flax import nnx
 
 from omnimem_jax.config import ModelConfig
-from omnimem_jax.memory.store import KVStore, LayerKV, init_store
+from omnimem_jax.memory.store import KVStore, LayerKV, init_store, layer_kv
 from omnimem_jax.model.wan import CausalWanModel, count_parameters
 
 _MODES = flags.DEFINE_list("modes", ["omnimem", "window"], "Attention modes to time.")
@@ -41,12 +41,13 @@ def filled_store(config: ModelConfig, history: int, key: jax.Array) -> KVStore:
   @functools.partial(jax.jit, donate_argnums=0)
   def fill(layers: LayerKV) -> LayerKV:
     def one_layer(index, layers):
-      k = jax.random.normal(jax.random.fold_in(key, 2 * index), layers.k.shape[1:], jnp.bfloat16)
-      v = jax.random.normal(jax.random.fold_in(key, 2 * index + 1), layers.v.shape[1:], jnp.bfloat16)
+      layer = layer_kv(layers, index)  # [B, H, S, ...]
+      k = jax.random.normal(jax.random.fold_in(key, 2 * index), layer.k.shape, jnp.bfloat16)
+      v = jax.random.normal(jax.random.fold_in(key, 2 * index + 1), layer.v.shape, jnp.bfloat16)
       shape = (*k.shape[:-2], config.blocks_per_chunk, config.memory.block_tokens, config.head_dim)
-      pool = lambda x: x.reshape(shape).mean(-2, dtype=jnp.float32).reshape(layers.k_pooled.shape[1:])  # noqa: E731
+      pool = lambda x: x.reshape(shape).mean(-2, dtype=jnp.float32).reshape(layer.k_pooled.shape)  # noqa: E731
       new = LayerKV(k, v, pool(k).astype(jnp.bfloat16), pool(v).astype(jnp.bfloat16))
-      return jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n, index, 0), layers, new)
+      return jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n, index, 2), layers, new)
 
     return jax.lax.fori_loop(0, config.num_layers, one_layer, layers)
 

@@ -72,7 +72,7 @@ def main(argv: list[str]) -> None:
   scenes = scene_features(config, _PLACES.value, _SEED.value)
   rng = np.random.default_rng(_SEED.value + 1)
   kv = store.init_store(config, batch_size=1, dtype=dtype)
-  layer, slot_chunk = jax.tree.map(lambda x: x[0], kv.layers), kv.slot_chunk
+  layer, slot_chunk = store.layer_kv(kv.layers, 0), kv.slot_chunk
   use_gates = memory.mode == "omnimem"
 
   traces = []

@@ -26,7 +26,7 @@ def chunk_inputs(config, seed, batch=2):
 
 def empty_layer(config, batch=2, dtype=jnp.float32):
   kv = store.init_store(config, batch, dtype, num_layers=1)
-  return jax.tree.map(lambda x: x[0], kv.layers), kv.slot_chunk
+  return store.layer_kv(kv.layers, 0), kv.slot_chunk
 
 
 @pytest.mark.parametrize("mode", ["omnimem", "window", "sink_window", "dense"])

@@ -124,7 +124,7 @@ class Rollout:
     self.batch = batch
     self.store = oracle.OracleStore(self.ocfg, batch)
     kv = store_lib.init_store(config, batch, jnp.float32, num_layers=1)
-    self.layer = jax.tree.map(lambda x: x[0], kv.layers)
+    self.layer = store_lib.layer_kv(kv.layers, 0)
     self.step_fn = jitted_step(config)
 
   def step(self, c: int, q, k, v, gates) -> oracle.OracleResult:

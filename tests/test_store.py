@@ -18,8 +18,8 @@ def random_chunk(config, rng, batch=2):
 def test_init_store_shapes_zeros_and_empty_slots():
   config = tiny(capacity_chunks=5)
   kv = store.init_store(config, batch_size=2, dtype=jnp.bfloat16)
-  assert kv.layers.k.shape == (2, 2, 4, 5, 96, 16)
-  assert kv.layers.k_pooled.shape == (2, 2, 4, 5 * 24, 16)
+  assert kv.layers.k.shape == (2, 4, 2, 5, 96, 16)  # [B, H, L, S, T, D]
+  assert kv.layers.k_pooled.shape == (2, 4, 2, 5 * 24, 16)
   assert kv.layers.k.dtype == jnp.bfloat16
   assert all(not np.asarray(x).any() for x in jax.tree.leaves(kv.layers))
   np.testing.assert_array_equal(kv.slot_chunk, -np.ones(5))
@@ -37,7 +37,7 @@ def test_slot_of_chunk_ring_with_pinned_prefix(memory, expected):
 def test_write_chunk_places_keys_and_block_means():
   config = tiny(capacity_chunks=4)
   rng = np.random.default_rng(1)
-  layer = jax.tree.map(lambda x: x[0], store.init_store(config, 2, jnp.float32).layers)
+  layer = store.layer_kv(store.init_store(config, 2, jnp.float32).layers, 0)
   k, v = random_chunk(config, rng)
   layer = jax.jit(store.write_chunk, static_argnums=4)(layer, k, v, jnp.int32(6), config)  # slot 2
   k_np = np.asarray(k).transpose(0, 2, 1, 3)
@@ -53,7 +53,7 @@ def test_write_chunk_places_keys_and_block_means():
 def test_last_write_of_a_chunk_wins():
   config = tiny()
   rng = np.random.default_rng(2)
-  layer = jax.tree.map(lambda x: x[0], store.init_store(config, 1, jnp.float32).layers)
+  layer = store.layer_kv(store.init_store(config, 1, jnp.float32).layers, 0)
   for _ in range(5):
     k, v = random_chunk(config, rng, batch=1)
     layer = store.write_chunk(layer, k, v, 3, config)
@@ -82,23 +82,23 @@ def test_sink_slot_is_never_reused():
 
 def test_check_layer_reports_capacity_mismatch():
   config = tiny(capacity_chunks=4)
-  layer = jax.tree.map(lambda x: x[0], store.init_store(tiny(capacity_chunks=5), 1, jnp.float32).layers)
+  layer = store.layer_kv(store.init_store(tiny(capacity_chunks=5), 1, jnp.float32).layers, 0)
   with pytest.raises(ValueError, match=r"store field k must be \[batch, 4 heads, 4, 96, 16\].*capacity_chunks=4"):
     store.check_layer(layer, config)
 
 
-def test_store_layer_chunk_writes_only_that_slot_of_that_layer():
+def test_write_into_the_stacked_store_touches_only_that_layer_and_slot():
   config = tiny(capacity_chunks=4)
   rng = np.random.default_rng(0)
   stacked = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
                          store.init_store(config, 2, jnp.float32, num_layers=3).layers)
-  layer = jax.tree.map(lambda x: x[1], stacked)
   shape = (2, config.tokens_per_chunk, config.num_heads, config.head_dim)
   k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
-  updated = store.write_chunk(layer, k, v, 6, config)  # chunk 6 -> slot 2
-  result = store.store_layer_chunk(stacked, jnp.int32(1), updated, 6, config)
+  expected = store.write_chunk(store.layer_kv(stacked, 1), k, v, 6, config)  # chunk 6 -> slot 2
+  result = store.write_chunk(stacked, k, v, 6, config, layer_index=jnp.int32(1))
   for name in ("k", "v", "k_pooled", "v_pooled"):
-    np.testing.assert_array_equal(getattr(result, name)[1], getattr(updated, name))
-    np.testing.assert_array_equal(getattr(result, name)[0], getattr(stacked, name)[0])
-    np.testing.assert_array_equal(getattr(result, name)[2], getattr(stacked, name)[2])
-  assert not np.array_equal(result.k[1, :, :, 2], stacked.k[1, :, :, 2])
+    np.testing.assert_array_equal(getattr(store.layer_kv(result, 1), name), getattr(expected, name))
+    for other in (0, 2):
+      np.testing.assert_array_equal(getattr(store.layer_kv(result, other), name),
+                                    getattr(store.layer_kv(stacked, other), name))
+  assert not np.array_equal(result.k[:, :, 1, 2], stacked.k[:, :, 1, 2])

@@ -22,20 +22,25 @@ from omnimem_jax.config import MemoryConfig, ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerKV:
-  """One layer's history (or all layers', stacked on a leading axis)."""
+  """One layer's history, or every layer's, stacked on axis 2 (after batch and heads)."""
 
-  k: Float[Array, "*l b h slots tokens d"]
-  v: Float[Array, "*l b h slots tokens d"]
-  k_pooled: Float[Array, "*l b h blocks d"]
-  v_pooled: Float[Array, "*l b h blocks d"]
+  k: Float[Array, "b h *l slots tokens d"]
+  v: Float[Array, "b h *l slots tokens d"]
+  k_pooled: Float[Array, "b h *l blocks d"]
+  v_pooled: Float[Array, "b h *l blocks d"]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVStore:
-  """All layers' history plus the table of which absolute chunk each slot holds (-1 = empty)."""
+  """All layers' history plus the table of which absolute chunk each slot holds (-1 = empty).
 
-  layers: LayerKV  # leading axis: layer
+  The layer axis comes after batch and heads, so for each (batch, head) every layer's blocks are
+  one contiguous run of rows: a kernel reads layer l's blocks in place at block offset
+  l * slots * blocks_per_chunk, with no per-layer copy.
+  """
+
+  layers: LayerKV  # [B, H, L, ...]
   slot_chunk: Int[Array, " slots"]
 
 
@@ -44,11 +49,16 @@ def init_store(config: ModelConfig, batch_size: int, dtype: jnp.dtype = jnp.bflo
   """An empty store (zeros, never `jnp.empty`: unused slots must not hold NaN garbage)."""
   num_layers = config.num_layers if num_layers is None else num_layers
   slots = config.memory.capacity_chunks
-  lead = (num_layers, batch_size, config.num_heads)
+  lead = (batch_size, config.num_heads, num_layers)
   full = (*lead, slots, config.tokens_per_chunk, config.head_dim)
   pooled = (*lead, slots * config.blocks_per_chunk, config.head_dim)
   layers = LayerKV(jnp.zeros(full, dtype), jnp.zeros(full, dtype), jnp.zeros(pooled, dtype), jnp.zeros(pooled, dtype))
   return KVStore(layers=layers, slot_chunk=jnp.full((slots,), -1, jnp.int32))
+
+
+def layer_kv(layers: LayerKV, layer_index: int | Int[Array, ""]) -> LayerKV:
+  """Layer l's store out of the stacked one."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, layer_index, axis=2, keepdims=False), layers)
 
 
 def slot_of_chunk(chunk_index: int | Int[Array, "*s"], memory: MemoryConfig) -> Int[Array, "*s"]:
@@ -84,18 +94,25 @@ def check_layer(layer: LayerKV, config: ModelConfig) -> None:
 
 
 def write_chunk(layer: LayerKV, k: Float[Array, "b n h d"], v: Float[Array, "b n h d"],
-                chunk_index: int | Int[Array, ""], config: ModelConfig) -> LayerKV:
-  """Stores chunk c's post-RoPE keys and values (block order) and their block means in its slot."""
+                chunk_index: int | Int[Array, ""], config: ModelConfig,
+                layer_index: int | Int[Array, ""] | None = None) -> LayerKV:
+  """Stores chunk c's post-RoPE keys and values (block order) and their block means in its slot.
+
+  `layer` is one layer's store, or with `layer_index` the stacked store, written in place there.
+  """
   batch, tokens, heads, head_dim = k.shape
   block_tokens = config.memory.block_tokens
   blocks = tokens // block_tokens
   slot = slot_of_chunk(chunk_index, config.memory)
+  lead = () if layer_index is None else (jnp.asarray(layer_index, jnp.int32),)
 
   def pool(x):
     return x.astype(jnp.float32).reshape(batch, heads, blocks, block_tokens, head_dim).mean(axis=3)
 
   def put(store, update, start):
-    return jax.lax.dynamic_update_slice_in_dim(store, update.astype(store.dtype), start, axis=2)
+    update = update.reshape(batch, heads, *(1,) * len(lead), *update.shape[2:]).astype(store.dtype)
+    zero = jnp.int32(0)
+    return jax.lax.dynamic_update_slice(store, update, (zero, zero, *lead, start, *(zero,) * (update.ndim - 3 - len(lead))))
 
   k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   return LayerKV(
@@ -104,25 +121,3 @@ def write_chunk(layer: LayerKV, k: Float[Array, "b n h d"], v: Float[Array, "b n
       k_pooled=put(layer.k_pooled, pool(k_heads), slot * blocks),
       v_pooled=put(layer.v_pooled, pool(v_heads), slot * blocks),
   )
-
-
-def store_layer_chunk(layers: LayerKV, layer_index: Int[Array, ""], layer: LayerKV,
-                      chunk_index: int | Int[Array, ""], config: ModelConfig) -> LayerKV:
-  """Copies chunk c's slot (K/V and pooled entries) of one updated `layer` into the stacked `layers`.
-
-  Only the slot is written, in place when `layers` is a scan carry; writing the whole layer back
-  would copy every slot of the history on every call.
-  """
-  slot = slot_of_chunk(chunk_index, config.memory)
-  blocks = config.blocks_per_chunk
-
-  def put(stacked, updated, start, size, axis):
-    part = jax.lax.dynamic_slice_in_dim(updated, start, size, axis=axis)
-    starts = [jnp.int32(0)] * stacked.ndim
-    starts[0], starts[axis + 1] = jnp.asarray(layer_index, jnp.int32), jnp.asarray(start, jnp.int32)
-    return jax.lax.dynamic_update_slice(stacked, part[None].astype(stacked.dtype), starts)
-
-  return LayerKV(k=put(layers.k, layer.k, slot, 1, 2), v=put(layers.v, layer.v, slot, 1, 2),
-                 k_pooled=put(layers.k_pooled, layer.k_pooled, slot * blocks, blocks, 2),
-                 v_pooled=put(layers.v_pooled, layer.v_pooled, slot * blocks, blocks, 2))
-

@@ -27,8 +27,8 @@ from jaxtyping import Array, Bool, Float, Int
 from kernels.selection_attention import api as selection_api
 from omnimem_jax.config import MemoryConfig, ModelConfig
 from omnimem_jax.memory.select import select_blocks
-from omnimem_jax.memory.store import (LayerKV, assign_slot, check_layer, holds_chunks_through, slot_of_chunk,
-                                      write_chunk)
+from omnimem_jax.memory.store import (LayerKV, assign_slot, check_layer, holds_chunks_through, layer_kv,
+                                      slot_of_chunk, write_chunk)
 
 GATE_ORDER = ("cmp", "slc", "swa")
 GATE_CLIP = 10.0
@@ -143,14 +143,23 @@ def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk:
 def selection_branch(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
                      chunk_index: Int[Array, ""], config: ModelConfig,
                      implementation: str | Sequence[str] | None = None,
-                     topk_implementation: str | None = None) -> Float[Array, "b n h d"]:
-  """Each (query group, head) attends to its own top-k blocks, read from the store's block view."""
+                     topk_implementation: str | None = None, stacked: LayerKV | None = None,
+                     layer_index: Int[Array, ""] | None = None) -> Float[Array, "b n h d"]:
+  """Each (query group, head) attends to its own top-k blocks, read from the store's block view.
+
+  With `stacked` (every layer's store, [B, H, L, ...]) the kernel reads layer `layer_index`'s blocks
+  straight from it, at block offset layer_index * slots * blocks_per_chunk: no per-layer copy.
+  """
   q_heads = q.transpose(0, 2, 1, 3)
   ids = select_blocks(q_heads, layer.k_pooled, slot_chunk, chunk_index, config, implementation=topk_implementation)
-  batch, heads, slots, tokens, head_dim = layer.k.shape
-  block_view = (batch, heads, slots * config.blocks_per_chunk, config.memory.block_tokens, head_dim)
+  source = layer if stacked is None else stacked
+  batch, heads, head_dim = source.k.shape[0], source.k.shape[1], source.k.shape[-1]
+  num_blocks = source.k.size // (batch * heads * config.memory.block_tokens * head_dim)
+  if stacked is not None:
+    ids = jnp.where(ids >= 0, ids + layer_index * layer.k_pooled.shape[2], ids)
+  block_view = (batch, heads, num_blocks, config.memory.block_tokens, head_dim)
   out, _ = selection_api.selection_attention(
-      q_heads, layer.k.reshape(block_view), layer.v.reshape(block_view), ids,
+      q_heads, source.k.reshape(block_view), source.v.reshape(block_view), ids,
       implementation=implementation, check_ids=config.memory.debug_checks)
   return out.transpose(0, 2, 1, 3)
 
@@ -194,12 +203,15 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
                          gate_logits: Float[Array, "b n h 3"] | None, config: ModelConfig, *,
                          implementation: str | Sequence[str] | None = None,
                          dense_implementation: str | None = None,
-                         topk_implementation: str | None = None) -> tuple[Float[Array, "b n h d"], LayerKV]:
+                         topk_implementation: str | None = None,
+                         layer_index: int | Int[Array, ""] | None = None) -> tuple[Float[Array, "b n h d"], LayerKV]:
   """One layer's self-attention of chunk c over its history, in the mode of `config.memory`.
 
   Args:
     q, k, v: the chunk's queries, keys, values: post-RoPE (absolute frames), tokens in block order.
-    layer: this layer's store; chunk c's K/V are written into its slot before attending.
+    layer: this layer's store; chunk c's K/V are written into its slot before attending. With
+      `layer_index`, the stacked store of every layer ([B, H, L, ...]): the chunk is written into
+      layer `layer_index` in place and the branches read that layer from it without copying it.
     slot_chunk: the store's slot table before this call (chunk c's slot is assigned here too; the
       caller records `store.assign_slot(slot_chunk, c)` once for all layers).
     chunk_index: absolute chunk index c; may be traced, so a rollout compiles once.
@@ -211,18 +223,22 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
     topk_implementation: "triton" (fused scoring + top-k kernel) or "xla" (default: per platform).
 
   Returns:
-    (attention output before the output projection, updated layer store).
+    (attention output before the output projection, updated store: the layer's, or the stacked one).
   """
-  _check_inputs(q, k, v, layer, slot_chunk, chunk_index, gate_logits, config)
+  view = layer if layer_index is None else layer_kv(layer, layer_index)
+  _check_inputs(q, k, v, view, slot_chunk, chunk_index, gate_logits, config)
   memory = config.memory
   chunk_index = jnp.asarray(chunk_index, jnp.int32)
   slot_chunk = assign_slot(slot_chunk, chunk_index, memory)
-  layer = write_chunk(layer, k, v, chunk_index, config)
+  layer = write_chunk(layer, k, v, chunk_index, config, layer_index)
+  view = layer if layer_index is None else layer_kv(layer, layer_index)
   recent = attended_chunks(chunk_index, memory)
   dense = default_dense_implementation(q.dtype) if dense_implementation is None else dense_implementation
   if memory.mode != "omnimem":
-    return chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory, dense), layer
-  o_cmp = compressed_attention(q, layer, slot_chunk, chunk_index, dense)
-  o_slc = selection_branch(q, layer, slot_chunk, chunk_index, config, implementation, topk_implementation)
-  o_swa = chunk_attention(q, layer, slot_chunk, chunk_index, recent, memory, dense)
+    return chunk_attention(q, view, slot_chunk, chunk_index, recent, memory, dense), layer
+  o_cmp = compressed_attention(q, view, slot_chunk, chunk_index, dense)
+  o_slc = selection_branch(q, view, slot_chunk, chunk_index, config, implementation, topk_implementation,
+                           stacked=None if layer_index is None else layer,
+                           layer_index=None if layer_index is None else jnp.asarray(layer_index, jnp.int32))
+  o_swa = chunk_attention(q, view, slot_chunk, chunk_index, recent, memory, dense)
   return gate_branches(gate_logits, o_cmp, o_slc, o_swa).astype(q.dtype), layer

@@ -30,7 +30,7 @@ from jaxtyping import Array, Float, Int
 
 from omnimem_jax.config import ModelConfig
 from omnimem_jax.memory import select
-from omnimem_jax.memory.store import KVStore, LayerKV, assign_slot, store_layer_chunk
+from omnimem_jax.memory.store import KVStore, LayerKV, assign_slot, layer_kv
 from omnimem_jax.model import rope
 from omnimem_jax.model.attention import GATE_ORDER, chunk_self_attention, default_dense_implementation
 from omnimem_jax.model.layout import from_block_order, to_block_order
@@ -38,7 +38,7 @@ from omnimem_jax.model.layout import from_block_order, to_block_order
 GATE_INIT_STDDEV = 1e-3  # official `initialize_gate`: g_proj ~ N(0, 1e-3), bias 0 (all gates ~0.5)
 gate_kernel_init = nnx.initializers.normal(GATE_INIT_STDDEV)
 
-# attend(q, k, v, gate_logits, layer store or None) -> (output [B, N, H, D], (updated layer, per-layer extra))
+# attend(q, k, v, gate_logits, (stacked store or None, layer index)) -> (output [B, N, H, D], (store, extra))
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None, Any], tuple[jax.Array, tuple[Any, Any]]]
 
 
@@ -160,7 +160,8 @@ class WanBlock(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: Float[Array, "b n dim"], e0: Float[Array, "b 6 dim"], cos: jax.Array, sin: jax.Array,
-               cross: tuple[jax.Array, jax.Array], attend: AttendFn, layer: LayerKV | None) -> tuple[jax.Array, Any]:
+               cross: tuple[jax.Array, jax.Array], attend: AttendFn, store_and_index: tuple[Any, jax.Array]
+               ) -> tuple[jax.Array, Any]:
     shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = jnp.unstack(
         self.modulation[...].astype(jnp.float32)[None] + e0, axis=1)
     modulate = lambda y, shift, scale: (layer_norm(y, self.eps) * (1 + scale[:, None]) + shift[:, None])  # noqa: E731
@@ -168,7 +169,7 @@ class WanBlock(nnx.Module):
     x_sa = modulate(x, shift_sa, scale_sa).astype(self.dtype)
     q, (k, v) = self.self_attn.queries(x_sa), self.self_attn.keys_values(x_sa)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-    attended, attend_output = attend(q, k, v, self.self_attn.gate_logits(x_sa), layer)
+    attended, attend_output = attend(q, k, v, self.self_attn.gate_logits(x_sa), store_and_index)
     x = x + self.self_attn.project_out(attended).astype(jnp.float32) * gate_sa[:, None]
 
     x_ca = layer_norm(x, self.eps, self.norm_cross_scale[...], self.norm_cross_bias[...]).astype(self.dtype)
@@ -267,12 +268,11 @@ class CausalWanModel(nnx.Module):
     return x, e, e0
 
   def _run_blocks(self, x: jax.Array, e0: jax.Array, cos: jax.Array, sin: jax.Array, cross: CrossKV,
-                  attend: AttendFn, layers: LayerKV | None,
-                  write_back: Callable[[LayerKV, jax.Array, LayerKV], LayerKV] | None = None
-                  ) -> tuple[jax.Array, LayerKV | None, Any]:
-    """Scans the stacked blocks. The stacked store rides in the carry and `write_back(layers, index,
-    updated_layer)` stores what a layer changed, in place: as scan inputs and outputs the store would
-    need a second store-sized buffer.
+                  attend: AttendFn, layers: LayerKV | None) -> tuple[jax.Array, LayerKV | None, Any]:
+    """Scans the stacked blocks. The stacked store rides in the carry: each layer's `attend` gets
+    (store, layer index), writes its chunk in place and reads its layer without copying it (as scan
+    inputs and outputs the store would need a second store-sized buffer, and per-layer slices would
+    be copied for the kernels).
 
     Returns (x, updated layers, per-layer extras stacked by the scan).
     """
@@ -281,10 +281,8 @@ class CausalWanModel(nnx.Module):
     def body(carry, per_layer):
       x, layers = carry
       block_params, cross_k, cross_v, index = per_layer
-      layer = None if layers is None else jax.tree.map(lambda a: a[index], layers)
-      x, (new_layer, extra) = nnx.merge(graphdef, block_params)(x, e0, cos, sin, (cross_k, cross_v), attend, layer)
-      if layers is not None:
-        layers = write_back(layers, index, new_layer)
+      block = nnx.merge(graphdef, block_params)
+      x, (layers, extra) = block(x, e0, cos, sin, (cross_k, cross_v), attend, (layers, index))
       return (x, layers), extra
 
     indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
@@ -340,7 +338,7 @@ class CausalWanModel(nnx.Module):
     batch = latents.shape[0]
     cross = self._cross(text, batch)
     layers = store.layers
-    if layers.k.ndim != 6 or layers.k.shape[:2] != (c.num_layers, batch):
+    if layers.k.ndim != 6 or layers.k.shape[:3] != (batch, c.num_heads, c.num_layers):
       raise ValueError(f"store must hold {c.num_layers} layers for batch {batch} (init_store(config, {batch})), "
                        f"got k of shape {tuple(layers.k.shape)}")
     chunk_index = jnp.asarray(chunk_index, jnp.int32)
@@ -351,19 +349,17 @@ class CausalWanModel(nnx.Module):
       raise ValueError(f"retrieval histograms exist in omnimem mode only, not {c.memory.mode}")
     slot_chunk = assign_slot(store.slot_chunk, chunk_index, c.memory)
 
-    def attend(q, k, v, gate_logits, layer: LayerKV):
-      out, layer = chunk_self_attention(q, k, v, layer, store.slot_chunk, chunk_index, gate_logits, c,
-                                        implementation=implementation)
+    def attend(q, k, v, gate_logits, store_and_index):
+      layers, index = store_and_index
+      out, layers = chunk_self_attention(q, k, v, layers, store.slot_chunk, chunk_index, gate_logits, c,
+                                         implementation=implementation, layer_index=index)
       if not retrieval_histogram:
-        return out, (layer, None)
-      ids = select.select_blocks(q.transpose(0, 2, 1, 3), layer.k_pooled, slot_chunk, chunk_index, c)
+        return out, (layers, None)
+      ids = select.select_blocks(q.transpose(0, 2, 1, 3), layer_kv(layers, index).k_pooled, slot_chunk, chunk_index, c)
       distances = select.retrieval_distances(ids, slot_chunk, chunk_index, c)
-      return out, (layer, select.retrieval_histogram(distances, c.memory.capacity_chunks))
+      return out, (layers, select.retrieval_histogram(distances, c.memory.capacity_chunks))
 
-    def write_back(layers: LayerKV, index: jax.Array, layer: LayerKV) -> LayerKV:
-      return store_layer_chunk(layers, index, layer, chunk_index, c)  # only chunk c's slot changed
-
-    x, new_layers, histograms = self._run_blocks(x, e0, cos, sin, cross, attend, layers, write_back)
+    x, new_layers, histograms = self._run_blocks(x, e0, cos, sin, cross, attend, layers)
     velocity = self._unembed(x, e, c.memory.frames_per_chunk)
     new_store = KVStore(layers=new_layers, slot_chunk=slot_chunk)
     return (velocity, new_store, histograms) if retrieval_histogram else (velocity, new_store)
@@ -389,9 +385,9 @@ class CausalWanModel(nnx.Module):
     x, e, e0 = self._embed(latents, timestep)
     cos, sin = rope.rope_cos_sin(c, 0, frames)
 
-    def attend(q, k, v, gate_logits, layer):
+    def attend(q, k, v, gate_logits, store_and_index):
       del gate_logits  # masked dense attention has a single branch
-      return jax.nn.dot_product_attention(q, k, v, mask=attention_mask[None, None]), (layer, None)
+      return jax.nn.dot_product_attention(q, k, v, mask=attention_mask[None, None]), (store_and_index[0], None)
 
     x, _, _ = self._run_blocks(x, e0, cos, sin, cross, attend, None)
     return self._unembed(x, e, frames)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 def test_cudnn_dense_branches_match_xla_through_ring_reuse(mode):
   config = dataclasses.replace(tiny(mode=mode, local_attn_frames=6, capacity_chunks=4), dim=256)  # head_dim 64
   kv = store.init_store(config, 2, jnp.bfloat16, num_layers=1)
-  layer, slot_chunk = jax.tree.map(lambda x: x[0], kv.layers), kv.slot_chunk
+  layer, slot_chunk = store.layer_kv(kv.layers, 0), kv.slot_chunk
   step = jax.jit(lambda *args, dense: chunk_self_attention(*args, config, implementation="xla",
                                                            dense_implementation=dense), static_argnames="dense")
   rng = np.random.default_rng(0)
