@@ -107,3 +107,24 @@ def test_debug_checks_reach_the_selection_kernel_under_jit(monkeypatch):
   error, _ = step(q, k, v, layer, slot_chunk, jnp.int32(1), gates)
   with pytest.raises(checkify.JaxRuntimeError, match=r"block ids must lie in \[-1, 96\)"):
     error.throw()
+
+
+@pytest.mark.parametrize("mode", ["omnimem", "window", "dense"])
+def test_stacked_store_in_place_equals_one_layer_store(mode):
+  """With `layer_index` the core writes into and reads from the stacked [B, H, L, ...] store (the
+  selection kernel at a block offset); it must match the same history held as one layer's store."""
+  config = tiny(mode=mode, local_attn_frames=6, capacity_chunks=4)
+  rng = np.random.default_rng(3)
+  stacked = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
+                         store.init_store(config, 2, jnp.float32, num_layers=3).layers)
+  slot_chunk = jnp.array([4, 1, 2, 3], jnp.int32)  # chunk 5 reuses slot 1; chunk 0 was evicted
+  q, k, v, gates = chunk_inputs(config, seed=9)
+  gates = gates if mode == "omnimem" else None
+  expected_out, expected_layer = chunk_self_attention(q, k, v, store.layer_kv(stacked, 2), slot_chunk, 5, gates,
+                                                      config)
+  out, layers = jax.jit(lambda s: chunk_self_attention(q, k, v, s, slot_chunk, 5, gates, config,
+                                                       layer_index=jnp.int32(2)))(stacked)
+  np.testing.assert_allclose(out, expected_out, rtol=1e-6, atol=1e-6)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # noqa: E731 (jit vs eager pooling)
+  jax.tree.map(close, store.layer_kv(layers, 2), expected_layer)
+  jax.tree.map(np.testing.assert_array_equal, store.layer_kv(layers, 0), store.layer_kv(stacked, 0))
