@@ -55,7 +55,7 @@ def run_mode(mode: str, chunks: int) -> dict:
   model = CausalWanModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   text = jax.random.normal(jax.random.key(0), (1, config.text_len, config.text_dim), jnp.bfloat16)
   cross = jax.jit(lambda model, text: model.cross_kv(text))(model, text)
-  rollout = Rollout(model, SamplerConfig(), retrieval=False, implementation=_IMPLEMENTATION.value)
+  rollout = Rollout(model, SamplerConfig(), implementation=_IMPLEMENTATION.value)
   start = time.perf_counter()
   latencies, error = [], None
   try:

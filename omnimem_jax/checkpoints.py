@@ -30,6 +30,16 @@ PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 
 
+def check_conversion_paths(inputs: list[str | os.PathLike | None], output: str | os.PathLike, *,
+                           overwrite: bool) -> None:
+  """Before any conversion work: every given input exists, and `output` is free (or may be replaced)."""
+  for path in inputs:
+    if path is not None and not Path(path).exists():
+      raise FileNotFoundError(f"checkpoint {path} does not exist")
+  if Path(output).exists() and not overwrite:
+    raise FileExistsError(f"{output} already exists; choose another output path or pass overwrite=True (--overwrite)")
+
+
 def save_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any], metadata: Mapping[str, Any], *,
                     overwrite: bool = False) -> Path:
   """Writes `params` (a nested dict of arrays, e.g. `nnx.to_pure_dict(state)`) and JSON `metadata`.

@@ -116,10 +116,12 @@ class Rollout:
   """
 
   def __init__(self, model: CausalWanModel, sampler: SamplerConfig = SamplerConfig(), *, batch_size: int = 1,
-               store_dtype: Any = jnp.bfloat16, retrieval: bool | None = None,
+               store_dtype: Any = jnp.bfloat16, retrieval: bool = False,
                implementation: str | Sequence[str] | None = None):
     self.model, self.sampler, self.batch_size, self.store_dtype = model, sampler, batch_size, store_dtype
-    self.retrieval = model.config.memory.mode == "omnimem" if retrieval is None else retrieval
+    if retrieval and model.config.memory.mode != "omnimem":
+      raise ValueError(f"retrieval histograms exist in omnimem mode only, not {model.config.memory.mode}")
+    self.retrieval = retrieval  # opt-in: it scores the selection once more in every model call
     self.implementation = implementation if isinstance(implementation, str | None) else tuple(implementation)
     self.traces = 0  # compilations this rollout caused (0 when an earlier one compiled the same shapes)
     self.store: KVStore | None = None

@@ -54,11 +54,11 @@ def test_eight_chunk_stream_compiles_once_and_equals_one_scan(mode):
   model = CausalWanModel(config, rngs=nnx.Rngs(0))
   cross = text_cross(model)
   rollout_segment.clear_cache()  # count this test's compilations only
-  streaming = Rollout(model, store_dtype=jnp.float32)
+  streaming = Rollout(model, store_dtype=jnp.float32, retrieval=mode == "omnimem")
   latents, retrieval = streaming.run([(0, cross)], num_chunks=8, seed=3)
   assert streaming.traces == 1 and len(streaming.timings) == 8
   assert latents.shape == (1, 4, 24, 8, 16) and np.isfinite(latents).all()
-  one_scan = Rollout(model, store_dtype=jnp.float32)
+  one_scan = Rollout(model, store_dtype=jnp.float32, retrieval=mode == "omnimem")
   latents_once, retrieval_once = one_scan.run([(0, cross)], num_chunks=8, seed=3, segment_chunks=8)
   np.testing.assert_array_equal(latents_once, latents)
   if mode == "omnimem":
@@ -99,13 +99,13 @@ def test_selection_path_covering_all_history_equals_dense_attention():
   nnx.update(dense, shared)
   cross = text_cross(dense)
   expected, _ = Rollout(dense, store_dtype=jnp.float32).run([(0, cross)], chunks, seed=0)
-  actual, _ = Rollout(omnimem, store_dtype=jnp.float32, retrieval=False).run([(0, cross)], chunks, seed=0)
+  actual, _ = Rollout(omnimem, store_dtype=jnp.float32).run([(0, cross)], chunks, seed=0)
   # The gates clip at +-10, so the other branches keep a sigmoid(-10) = 4.5e-5 share each.
   assert relative_error(actual, expected) < 5e-4
   too_few = dataclasses.replace(omnimem_config, memory=dataclasses.replace(omnimem_config.memory, top_k=2))
   sparse = CausalWanModel(too_few, rngs=nnx.Rngs(0))
   nnx.update(sparse, nnx.state(omnimem, nnx.Param))
-  sparse_latents, _ = Rollout(sparse, store_dtype=jnp.float32, retrieval=False).run([(0, cross)], chunks, seed=0)
+  sparse_latents, _ = Rollout(sparse, store_dtype=jnp.float32).run([(0, cross)], chunks, seed=0)
   assert relative_error(sparse_latents, expected) > 10 * relative_error(actual, expected)
 
 
@@ -131,6 +131,8 @@ def test_rollout_input_errors():
   model = CausalWanModel(config, rngs=nnx.Rngs(0))
   cross = text_cross(model)
   rollout = Rollout(model, store_dtype=jnp.float32)
+  with pytest.raises(ValueError, match="omnimem mode only"):
+    Rollout(model, retrieval=True)
   with pytest.raises(ValueError, match="beyond the RoPE table"):
     next(rollout.stream([(0, cross)], num_chunks=config.max_chunks + 1))
   with pytest.raises(ValueError, match="must start at chunk 0"):

@@ -130,8 +130,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
                        overwrite: bool = False) -> Path:
   """Reads a umT5 encoder checkpoint (HF safetensors or Wan .pth), converts it for `config` (its
   param_dtype is the stored dtype) and writes an Orbax checkpoint to `output`. Returns the output path."""
-  if Path(output).exists() and not overwrite:
-    raise FileExistsError(f"{output} already exists; choose another output path or pass overwrite=True (--overwrite)")
+  checkpoints.check_conversion_paths([checkpoint], output, overwrite=overwrite)
   state = load_state_dict(checkpoint)
   layout = detect_layout(state)
   params = text_encoder_params(state, config)

@@ -207,11 +207,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
                        init_gates: bool = False, overwrite: bool = False) -> Path:
   """Reads a PyTorch-world DiT checkpoint (plus an optional separate LoRA file), converts it for
   `config` and writes an Orbax checkpoint to `output`. Returns the output path."""
-  for path in (checkpoint, lora):
-    if path is not None and not Path(path).exists():
-      raise FileNotFoundError(f"checkpoint {path} does not exist")
-  if Path(output).exists() and not overwrite:
-    raise FileExistsError(f"{output} already exists; choose another output path or pass overwrite=True (--overwrite)")
+  checkpoints.check_conversion_paths([checkpoint, lora], output, overwrite=overwrite)
   state = sd.load_state_dict(checkpoint)
   if lora is not None:
     state.update(sd.load_state_dict(lora))
