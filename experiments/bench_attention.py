@@ -150,13 +150,15 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
   if sweep:
     qbar = select.group_mean_queries(q_heads, config.memory.group_size)
     cand = select.candidate_blocks(slot_chunk, inp.chunk_index, config)
-    for tile, warps in ((32, 1), (32, 2), (64, 1), (64, 2), (64, 4), (128, 2), (128, 4)):
-      fn = jax.jit(lambda qb, kp, cd, t=tile, w=warps: block_topk_triton.block_top_k(
-          qb, kp, cd, top_k=top_k, divisor=math.sqrt(head_dim), tile=t, num_warps=w))
-      record(f"topk_triton_t{tile}_w{warps}", lambda fn=fn: fn(qbar, layer.k_pooled, cand))
+    for rows, tile, score_warps, select_warps in ((64, 128, 4, 1), (64, 128, 4, 2), (64, 64, 4, 1), (128, 128, 8, 1),
+                                                  (32, 128, 4, 1)):
+      fn = jax.jit(lambda qb, kp, cd, r=rows, t=tile, sw=score_warps, lw=select_warps: block_topk_triton.block_top_k(
+          qb, kp, cd, top_k=top_k, divisor=math.sqrt(head_dim), rows=r, tile=t, score_warps=sw, select_warps=lw))
+      record(f"topk_triton_r{rows}_t{tile}_sw{score_warps}_lw{select_warps}",
+             lambda fn=fn: fn(qbar, layer.k_pooled, cand))
   ids = select_fns["xla"](q_heads, layer.k_pooled, slot_chunk, inp.chunk_index)
-  fused = np.asarray(select_fns["triton"](q_heads, layer.k_pooled, slot_chunk, inp.chunk_index))
-  fused_agreement = float(np.mean(fused == np.asarray(ids)))
+  triton_ids = np.asarray(select_fns["triton"](q_heads, layer.k_pooled, slot_chunk, inp.chunk_index))
+  triton_agreement = float(np.mean(triton_ids == np.asarray(ids)))
 
   # Selection branch.
   block_view = (1, heads, chunks * config.blocks_per_chunk, config.memory.block_tokens, head_dim)
@@ -224,7 +226,7 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
   del full_k, full_v
 
   sel_bytes = selection_floor_bytes(config)
-  return {"chunks": chunks, "times": results, "approx_max_k_recall": recall, "fused_topk_id_agreement": fused_agreement, "selection_floor_bytes": sel_bytes,
+  return {"chunks": chunks, "times": results, "approx_max_k_recall": recall, "triton_topk_id_agreement": triton_agreement, "selection_floor_bytes": sel_bytes,
           "flops": {"selection": 4 * heads * tokens * config.memory.top_k * config.memory.block_tokens * head_dim,
                     "compressed": 4 * heads * tokens * chunks * config.blocks_per_chunk * head_dim,
                     "sliding": 4 * heads * tokens * config.memory.window_chunks * tokens * head_dim,

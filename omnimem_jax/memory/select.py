@@ -45,7 +45,7 @@ def candidate_blocks(slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Ar
 
 
 def default_topk_implementation() -> str:
-  """The fused Pallas Triton scoring + top-k kernel on GPUs (XLA's top_k sorts every row), else XLA."""
+  """The Pallas Triton scoring + top-k kernels on GPUs (XLA's top_k sorts every row), else XLA."""
   return "triton" if jax.default_backend() == "gpu" else "xla"
 
 
@@ -56,7 +56,7 @@ def select_blocks(q: Float[Array, "b h n d"], k_pooled: Float[Array, "b h blocks
   """Top-k slot-major block ids per (group, head), best first; ties go to the lower id; -1 pads.
 
   `slot_chunk` must already record chunk c in its slot (see `store.assign_slot`).
-  `implementation`: "xla" (scores, then `lax.top_k`) or "triton" (the fused kernel of
+  `implementation`: "xla" (scores, then `lax.top_k`) or "triton" (the Pallas Triton kernels of
   `kernels.block_topk`, falling back to XLA for shapes it refuses); default per platform.
   `interpret` runs the kernel in interpret mode (CPU tests).
   """

@@ -1,4 +1,4 @@
-"""The fused scoring + top-k Triton kernel (interpret mode on CPU) against `select_blocks`' XLA path."""
+"""The scoring + top-k Triton kernels (interpret mode on CPU) against `select_blocks`' XLA path."""
 
 import dataclasses
 
@@ -92,6 +92,23 @@ def test_many_tiles_match_lax_top_k(integers):
   k_pooled = jnp.asarray(draw((1, 2, 600, 16)), jnp.bfloat16)  # 38 tiles of 16
   candidates = jnp.asarray(rng.random(600) < 0.8)
   ids = pallas_triton.block_top_k(qbar, k_pooled, candidates, top_k=16, divisor=4.0, interpret=True, tile=16)
+  scores = jnp.einsum("bhgd,bhjd->bhgj", qbar, k_pooled.astype(jnp.float32), precision="highest") / 4.0
+  _, expected = jax.lax.top_k(jnp.where(candidates, scores, -jnp.inf), 16)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(jnp.where(candidates[expected], expected, -1)))
+
+
+@pytest.mark.parametrize("integers", [False, True])  # integers: exact ties, also at the tile-maxima bound
+@pytest.mark.parametrize("candidate_fraction", [0.8, 0.02])  # 0.02: fewer than top_k candidates
+def test_many_tiles_prune_by_the_tile_maxima_bound(integers, candidate_fraction):
+  from kernels.block_topk import pallas_triton
+
+  rng = np.random.default_rng(3)
+  draw = (lambda shape: rng.integers(-2, 3, shape)) if integers else rng.standard_normal
+  qbar = jnp.asarray(draw((2, 2, 37, 16)), jnp.float32)
+  k_pooled = jnp.asarray(draw((2, 2, 600, 16)), jnp.bfloat16)  # 38 tiles of 16, the last one partial
+  candidates = jnp.asarray(rng.random(600) < candidate_fraction)
+  ids = pallas_triton.block_top_k(qbar, k_pooled, candidates, top_k=16, divisor=4.0, interpret=True, rows=16,
+                                  tile=16)
   scores = jnp.einsum("bhgd,bhjd->bhgj", qbar, k_pooled.astype(jnp.float32), precision="highest") / 4.0
   _, expected = jax.lax.top_k(jnp.where(candidates, scores, -jnp.inf), 16)
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(jnp.where(candidates[expected], expected, -1)))
