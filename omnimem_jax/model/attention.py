@@ -168,8 +168,7 @@ def gate_branches(gate_logits: Float[Array, "b n h 3"], o_cmp: Float[Array, "b n
                   o_slc: Float[Array, "b n h d"], o_swa: Float[Array, "b n h d"]) -> Float[Array, "b n h d"]:
   """sigmoid(clip(g, -10, 10)) weighted sum of the branches, gate order (cmp, slc, swa)."""
   gates = jax.nn.sigmoid(jnp.clip(gate_logits.astype(jnp.float32), -GATE_CLIP, GATE_CLIP))
-  branches = jnp.stack([o_cmp, o_slc, o_swa], axis=-1).astype(jnp.float32)
-  return jnp.einsum("bnhdc,bnhc->bnhd", branches, gates, precision=jax.lax.Precision.HIGHEST)
+  return sum(gates[..., i, None] * branch.astype(jnp.float32) for i, branch in enumerate((o_cmp, o_slc, o_swa)))
 
 
 def _check_inputs(q, k, v, layer, slot_chunk, chunk_index, gate_logits, config: ModelConfig) -> None:
