@@ -11,6 +11,9 @@ peak memory is per mode, then merge and plot:
   done
   python experiments/bench_rollout.py --merge=rollout_omnimem.json,rollout_window.json,... \
       --output=benchmarks/results/rollout_h200_bf16.json --plot=benchmarks/results/rollout_h200_bf16.png
+
+`--mesh=data=1,model=1` times the sharded code path (store and weights laid out on a mesh, attention
+under `shard_map`), to compare with the default single-device path on one GPU.
 """
 
 import dataclasses
@@ -24,6 +27,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from omnimem_jax import sharding
 from omnimem_jax.config import ATTENTION_MODES, ModelConfig, SamplerConfig
 from omnimem_jax.model.wan import CausalWanModel
 from omnimem_jax.rollout import Rollout
@@ -32,6 +36,8 @@ _MODE = flags.DEFINE_enum("mode", "omnimem", ATTENTION_MODES, "Attention mode to
 _CHUNKS = flags.DEFINE_integer("chunks", 80, "Chunks to generate (80 = 60 s of video).")
 _PRESET = flags.DEFINE_string("preset", "wan2.1-t2v-1.3b", "Model preset.")
 _IMPLEMENTATION = flags.DEFINE_string("implementation", None, "Selection-attention backend (default: per platform).")
+_MESH = flags.DEFINE_string("mesh", None, "Run the sharded path on this mesh, e.g. 'data=1,model=1' (default: the "
+                            "unsharded single-device path).")
 _MERGE = flags.DEFINE_list("merge", None, "Merge these per-mode JSON files (instead of running).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON output path.", required=True)
 _PLOT = flags.DEFINE_string("plot", None, "With --merge: PNG of latency and memory vs video length.")
@@ -53,9 +59,10 @@ def bench_config(mode: str, chunks: int) -> ModelConfig:
 def run_mode(mode: str, chunks: int) -> dict:
   config = bench_config(mode, chunks)
   model = CausalWanModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-  text = jax.random.normal(jax.random.key(0), (1, config.text_len, config.text_dim), jnp.bfloat16)
-  cross = jax.jit(lambda model, text: model.cross_kv(text))(model, text)
-  rollout = Rollout(model, SamplerConfig(), implementation=_IMPLEMENTATION.value)
+  text = np.random.default_rng(0).standard_normal((1, config.text_len, config.text_dim)).astype(jnp.bfloat16)
+  mesh = None if _MESH.value is None else sharding.make_mesh(**sharding.parse_mesh(_MESH.value), config=config)
+  rollout = Rollout(model, SamplerConfig(), implementation=_IMPLEMENTATION.value, mesh=mesh)
+  cross = rollout.cross_kv(text)
   start = time.perf_counter()
   latencies, error = [], None
   try:
@@ -69,7 +76,7 @@ def run_mode(mode: str, chunks: int) -> dict:
   done = len(latencies)
   steady = latencies[1:]  # chunk 0 includes compilation
   return {
-      "mode": mode, "implementation": _IMPLEMENTATION.value or "default", "chunks_requested": chunks, "chunks_done": done, "error": error,
+      "mode": mode, "implementation": _IMPLEMENTATION.value or "default", "mesh": _MESH.value, "chunks_requested": chunks, "chunks_done": done, "error": error,
       "capacity_chunks": config.memory.capacity_chunks, "traces": rollout.traces,
       "chunk_seconds": latencies, "first_chunk_seconds_incl_compile": latencies[0] if latencies else None,
       "steady_mean_chunk_seconds": float(np.mean(steady)) if steady else None,
@@ -85,7 +92,11 @@ def merge(paths: Sequence[str], output: str, plot: str | None) -> None:
   runs = [json.load(open(path)) for path in paths]
   report = {key: runs[0][key] for key in ("device", "jax", "preset", "dtype", "batch")}
   report["results"] = [run["result"] for run in runs]
-  label = lambda r: r["mode"] if r.get("implementation", "default") == "default" else f"{r['mode']}[{r['implementation']}]"  # noqa: E731
+  def label(r: dict) -> str:
+    tags = [r["implementation"]] if r.get("implementation", "default") != "default" else []
+    tags += [f"mesh {r['mesh']}"] if r.get("mesh") else []
+    return f"{r['mode']}[{', '.join(tags)}]" if tags else r["mode"]
+
   by_mode = {f"{label(r)}@{r['chunks_done']}": r for r in report["results"] if r["steady_mean_chunk_seconds"]}
   window = next((r["steady_mean_chunk_seconds"] for name, r in by_mode.items() if name.startswith("window@")), None)
   if window:  # mean DiT seconds per chunk over each completed run, relative to window mode's

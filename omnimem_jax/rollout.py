@@ -15,18 +15,21 @@ context timestep under the new prompt, oldest first), and keeps per-chunk timing
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int
 
-from omnimem_jax import checkpoints
+from omnimem_jax import checkpoints, sharding
 from omnimem_jax.config import SamplerConfig
 from omnimem_jax.memory.store import KVStore, init_store, slot_of_chunk
 from omnimem_jax.model import rope
@@ -76,15 +79,14 @@ def generate_chunk(model: CausalWanModel, store: KVStore, cross: CrossKV, key: j
 TRACES: collections.Counter[str] = collections.Counter()  # traces (compilations) of the jitted pieces
 
 
-@functools.partial(jax.jit, static_argnames=("sampler", "batch_size", "retrieval", "num_chunks", "implementation"),
-                   donate_argnames=("store",))
-def rollout_segment(model: CausalWanModel, store: KVStore, cross: CrossKV, key: jax.Array,
+def rollout_segment(graphdef: nnx.GraphDef, params: nnx.State, store: KVStore, cross: CrossKV, key: jax.Array,
                     first_chunk: Int[Array, ""], *, sampler: SamplerConfig, batch_size: int, retrieval: bool,
                     num_chunks: int, implementation: str | tuple[str, ...] | None = None
                     ) -> tuple[jax.Array, KVStore, jax.Array | None]:
   """Chunks first_chunk .. first_chunk + num_chunks - 1 as one scan: (latents [B, C, 3n, H, W], store,
-  retrieval histograms [n, L, capacity + 1] or None). Compiled once per segment length and model."""
+  retrieval histograms [n, L, capacity + 1] or None). `Rollout` jits it once per segment length."""
   TRACES["segment"] += 1
+  model = nnx.merge(graphdef, params)
 
   def one_chunk(store, chunk_index):
     x0, store, histogram = generate_chunk(model, store, cross, key, chunk_index, sampler, batch_size, retrieval,
@@ -97,13 +99,13 @@ def rollout_segment(model: CausalWanModel, store: KVStore, cross: CrossKV, key: 
   return latents.reshape(*latents.shape[:2], -1, *latents.shape[4:]), store, histograms
 
 
-@functools.partial(jax.jit, static_argnames=("context_timestep", "implementation"), donate_argnames=("store",))
-def context_pass(model: CausalWanModel, store: KVStore, cross: CrossKV, x0: jax.Array, chunk_index: Int[Array, ""],
-                 *, context_timestep: float, implementation: str | tuple[str, ...] | None = None) -> KVStore:
+def context_pass(graphdef: nnx.GraphDef, params: nnx.State, store: KVStore, cross: CrossKV, x0: jax.Array,
+                 chunk_index: Int[Array, ""], *, context_timestep: float,
+                 implementation: str | tuple[str, ...] | None = None) -> KVStore:
   """Rewrites chunk c's K/V from its clean latents under `cross` (a prompt switch's KV recache)."""
   TRACES["context_pass"] += 1
   timestep = jnp.full((x0.shape[0],), context_timestep, jnp.float32)
-  return model(x0, timestep, cross, store, chunk_index, implementation=implementation)[1]
+  return nnx.merge(graphdef, params)(x0, timestep, cross, store, chunk_index, implementation=implementation)[1]
 
 
 class Rollout:
@@ -117,15 +119,68 @@ class Rollout:
 
   def __init__(self, model: CausalWanModel, sampler: SamplerConfig = SamplerConfig(), *, batch_size: int = 1,
                store_dtype: Any = jnp.bfloat16, retrieval: bool = False,
-               implementation: str | Sequence[str] | None = None):
+               implementation: str | Sequence[str] | None = None, mesh: Mesh | None = None):
+    """`mesh` (from `sharding.make_mesh`): place the model's parameters on it (in place) and shard the
+    store by heads over "model" and the batch over "data"; default: the ("data", "model") mesh the
+    model's parameters already live on, if any, else one device."""
     self.model, self.sampler, self.batch_size, self.store_dtype = model, sampler, batch_size, store_dtype
     if retrieval and model.config.memory.mode != "omnimem":
       raise ValueError(f"retrieval histograms exist in omnimem mode only, not {model.config.memory.mode}")
     self.retrieval = retrieval  # opt-in: it scores the selection once more in every model call
     self.implementation = implementation if isinstance(implementation, str | None) else tuple(implementation)
-    self.traces = 0  # compilations this rollout caused (0 when an earlier one compiled the same shapes)
+    if mesh is not None:
+      sharding.make_mesh(mesh.shape["data"], mesh.shape["model"], config=model.config, batch_size=batch_size,
+                         devices=mesh.devices.flat)  # validates heads / batch divisibility
+      sharding.shard_module(model, mesh)
+    self.mesh = sharding.module_mesh(model) if mesh is None else mesh
+    self.traces = 0  # compilations this rollout caused
     self.store: KVStore | None = None
     self.timings: list[tuple[int, int, float]] = []  # (first chunk, chunks, seconds) per segment
+    self._graphdef, self._params = nnx.split(model)
+    self._cross_sharding = None if self.mesh is None else CrossKV(*(sharding.named(self.mesh, sharding.CROSS_AXES),) * 2)
+    self._segments: dict[int, Callable[..., Any]] = {}  # jitted rollout_segment per segment length
+    context = functools.partial(context_pass, self._graphdef, context_timestep=sampler.context_timestep,
+                                implementation=self.implementation)
+    self._context = jax.jit(context, donate_argnums=(1,), **self._shardings(for_segment=False))
+
+  def cross_kv(self, text_embeddings: Float[Array, "b text text_dim"] | np.ndarray) -> CrossKV:
+    """`model.cross_kv` of a prompt's text-encoder output, computed on (and laid out for) the rollout's
+    devices: the batch over "data", heads over "model"."""
+    placement = None if self.mesh is None else sharding.named(self.mesh, ("batch", None, None))
+    encode = jax.jit(lambda params, text: nnx.merge(self._graphdef, params).cross_kv(text),
+                     out_shardings=self._cross_sharding)
+    with self._mesh_context():
+      return encode(self._params, self._placed(text_embeddings, placement))
+
+  def _shardings(self, for_segment: bool) -> dict[str, Any]:
+    """jit's in/out shardings on the rollout's mesh (params, store, cross K/V, ...); none on one device."""
+    if self.mesh is None:
+      return {}
+    mesh, replicated = self.mesh, NamedSharding(self.mesh, PartitionSpec())
+    params, store = sharding.state_shardings(self._params, mesh), sharding.store_shardings(mesh)
+    cross, latents = self._cross_sharding, sharding.named(mesh, ("batch", None, None, None, None))
+    if for_segment:  # (params, store, cross, key, first chunk) -> (latents, store, histograms)
+      return {"in_shardings": (params, store, cross, replicated, replicated),
+              "out_shardings": (latents, store, replicated if self.retrieval else None)}
+    return {"in_shardings": (params, store, cross, latents, replicated), "out_shardings": store}
+
+  def _segment(self, num_chunks: int) -> Callable[..., Any]:
+    if num_chunks not in self._segments:
+      segment = functools.partial(rollout_segment, self._graphdef, sampler=self.sampler, batch_size=self.batch_size,
+                                  retrieval=self.retrieval, num_chunks=num_chunks,
+                                  implementation=self.implementation)
+      self._segments[num_chunks] = jax.jit(segment, donate_argnums=(1,), **self._shardings(for_segment=True))
+    return self._segments[num_chunks]
+
+  def _mesh_context(self) -> contextlib.AbstractContextManager:
+    """Traces under the rollout's mesh, so attention runs under `shard_map` on local heads."""
+    return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+  def _placed(self, tree: Any, target: Any = None) -> Any:
+    """`tree` moved explicitly (no implicit transfers) onto the rollout's devices / shardings."""
+    if self.mesh is None:
+      return checkpoints.place_like_params(self.model, jax.device_put(tree))
+    return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()) if target is None else target)
 
   # ---- driver ----------------------------------------------------------------------------------
 
@@ -158,11 +213,15 @@ class Rollout:
     if any(start % segment_chunks for start in starts):
       raise ValueError(f"prompt switches {starts} must fall on segment boundaries (multiples of {segment_chunks})")
     config = self.model.config
-    if store is None:  # on the model's mesh, so the second chunk does not compile again
-      store = checkpoints.place_like_params(self.model, init_store(config, self.batch_size, self.store_dtype))
+    if store is None:  # placed once: the store is donated from call to call and never leaves the devices
+      fresh = jax.jit(init_store, static_argnums=(0, 1, 2), out_shardings=None if self.mesh is None else
+                      sharding.store_shardings(self.mesh))
+      store = fresh(config, self.batch_size, self.store_dtype)
+      store = store if self.mesh is not None else self._placed(store)
     self.store = store
-    key = jax.random.key(seed)
-    switches = dict(prompts)
+    key = jax.jit(jax.random.key)(self._placed(np.uint32(seed)))  # made on the devices
+    switches = {start: cross if self.mesh is None else self._placed(cross, self._cross_sharding)
+                for start, cross in prompts}
     recent: list[tuple[int, jax.Array]] = []  # clean latents of the last recache_chunks chunks
     cross = switches[0]
     frames = config.memory.frames_per_chunk
@@ -170,21 +229,21 @@ class Rollout:
       start_time = time.perf_counter()
       if first in switches and first > 0:
         cross = switches[first]
+        held = jax.device_get(self.store.slot_chunk)
         for chunk, x0 in recent:
-          if int(self.store.slot_chunk[int(slot_of_chunk(chunk, config.memory))]) == chunk:
-            self.store = context_pass(self.model, self.store, cross, x0, jnp.int32(chunk),
-                                      context_timestep=self.sampler.context_timestep,
-                                      implementation=self.implementation)
+          if int(held[int(slot_of_chunk(chunk, config.memory))]) == chunk:
+            with self._mesh_context():
+              self.store = self._context(self._params, self.store, cross, x0, self._placed(np.int32(chunk)))
       traces = TRACES["segment"]
-      latents, self.store, histograms = rollout_segment(
-          self.model, self.store, cross, key, jnp.int32(first), sampler=self.sampler, batch_size=self.batch_size,
-          retrieval=self.retrieval, num_chunks=segment_chunks, implementation=self.implementation)
+      with self._mesh_context():
+        latents, self.store, histograms = self._segment(segment_chunks)(self._params, self.store, cross, key,
+                                                                        self._placed(np.int32(first)))
       self.traces += TRACES["segment"] - traces
       latents.block_until_ready()
       seconds = time.perf_counter() - start_time
       self.timings.append((first, segment_chunks, seconds))
       for index in range(segment_chunks):
-        recent.append((first + index, latents[:, :, index * frames:(index + 1) * frames]))
+        recent.append((first + index, jax.lax.slice_in_dim(latents, index * frames, (index + 1) * frames, axis=2)))
       recent = recent[-recache_chunks:] if recache_chunks else []
       yield SegmentOutput(first, latents, histograms, seconds)
 

@@ -28,11 +28,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from omnimem_jax import sharding
 from omnimem_jax.config import ModelConfig
 from omnimem_jax.memory import select
 from omnimem_jax.memory.store import KVStore, LayerKV, assign_slot, layer_kv
 from omnimem_jax.model import rope
-from omnimem_jax.model.attention import GATE_ORDER, chunk_self_attention, default_dense_implementation
+from omnimem_jax.model.attention import (
+  GATE_ORDER,
+  chunk_self_attention,
+  default_dense_implementation,
+)
 from omnimem_jax.model.layout import from_block_order, to_block_order
 
 GATE_INIT_STDDEV = 1e-3  # official `initialize_gate`: g_proj ~ N(0, 1e-3), bias 0 (all gates ~0.5)
@@ -349,15 +354,35 @@ class CausalWanModel(nnx.Module):
       raise ValueError(f"retrieval histograms exist in omnimem mode only, not {c.memory.mode}")
     slot_chunk = assign_slot(store.slot_chunk, chunk_index, c.memory)
 
-    def attend(q, k, v, gate_logits, store_and_index):
-      layers, index = store_and_index
-      out, layers = chunk_self_attention(q, k, v, layers, store.slot_chunk, chunk_index, gate_logits, c,
+    mesh = sharding.context_mesh()
+
+    def local_attention(q, k, v, gate_logits, layers, index, table, new_table, chunk):
+      """Self-attention of the heads (and batch entries) this device holds."""
+      heads = q.shape[2]
+      local = dataclasses.replace(c, dim=heads * c.head_dim, num_heads=heads)
+      out, layers = chunk_self_attention(q, k, v, layers, table, chunk, gate_logits, local,
                                          implementation=implementation, layer_index=index)
       if not retrieval_histogram:
-        return out, (layers, None)
-      ids = select.select_blocks(q.transpose(0, 2, 1, 3), layer_kv(layers, index).k_pooled, slot_chunk, chunk_index, c)
-      distances = select.retrieval_distances(ids, slot_chunk, chunk_index, c)
-      return out, (layers, select.retrieval_histogram(distances, c.memory.capacity_chunks))
+        return out, layers, None
+      ids = select.select_blocks(q.transpose(0, 2, 1, 3), layer_kv(layers, index).k_pooled, new_table, chunk, local)
+      histogram = select.retrieval_histogram(select.retrieval_distances(ids, new_table, chunk, local),
+                                             c.memory.capacity_chunks)
+      return out, layers, histogram if mesh is None else jax.lax.psum(histogram, sharding.MESH_AXES)
+
+    if mesh is not None:  # heads over "model", batch over "data": kernels see local arrays only
+      tokens = sharding.logical_to_mesh_spec(sharding.TOKEN_HEAD_AXES, sharding.LOGICAL_RULES, mesh)
+      per_head = sharding.logical_to_mesh_spec(("batch", "heads"), sharding.LOGICAL_RULES, mesh)
+      replicated = jax.sharding.PartitionSpec()
+      local_attention = jax.shard_map(
+          local_attention, mesh=mesh, check_vma=False,
+          in_specs=(tokens, tokens, tokens, tokens, per_head, replicated, replicated, replicated, replicated),
+          out_specs=(tokens, per_head, replicated if retrieval_histogram else None))
+
+    def attend(q, k, v, gate_logits, store_and_index):
+      layers, index = store_and_index
+      out, layers, histogram = local_attention(q, k, v, gate_logits, layers, index, store.slot_chunk, slot_chunk,
+                                               chunk_index)
+      return out, (layers, histogram)
 
     x, new_layers, histograms = self._run_blocks(x, e0, cos, sin, cross, attend, layers)
     velocity = self._unembed(x, e, c.memory.frames_per_chunk)

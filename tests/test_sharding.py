@@ -1,0 +1,78 @@
+"""Sharded rollouts on 4 fake CPU devices equal one device; store and mesh bookkeeping."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from omnimem_jax import sharding
+from omnimem_jax.model.wan import CausalWanModel
+from omnimem_jax.rollout import Rollout
+from tests.configs import tiny
+
+BATCH = 4  # divisible by every data-axis size tested
+CHUNKS = 4  # past the sliding window and the AWE warm-up
+
+
+def _run(config, mesh, retrieval):
+  model = CausalWanModel(config, rngs=nnx.Rngs(0))
+  text = np.random.default_rng(1).standard_normal((BATCH, config.text_len, config.text_dim), np.float32)
+  rollout = Rollout(model, batch_size=BATCH, store_dtype=jnp.float32, retrieval=retrieval, mesh=mesh)
+  with jax.transfer_guard("disallow"):  # no implicit transfer: inputs go up explicitly, nothing comes back
+    cross = rollout.cross_kv(text)
+    latents, histograms = rollout.run([(0, cross)], num_chunks=CHUNKS, seed=2, segment_chunks=2)
+  return rollout, np.asarray(latents), histograms
+
+
+@pytest.mark.parametrize("mode", ["omnimem", "window", "sink_window", "dense"])
+def test_meshes_give_the_same_latents_as_one_device(mode):
+  config = tiny(mode=mode, local_attn_frames=6)
+  retrieval = mode == "omnimem"
+  _, expected, expected_histograms = _run(config, None, retrieval)
+  for data, model_axis in ((1, 4), (2, 2), (4, 1)):
+    mesh = sharding.make_mesh(data, model_axis)
+    rollout, latents, histograms = _run(config, mesh, retrieval)
+    error = np.linalg.norm(latents - expected) / np.linalg.norm(expected)
+    assert error < 1e-5, (data, model_axis, error)
+    assert rollout.traces == 1
+    if retrieval:
+      np.testing.assert_array_equal(histograms, expected_histograms)
+    # The store stays sharded: each device holds 1 / (data x model) of it, heads over "model".
+    k = rollout.store.layers.k
+    assert k.sharding.spec == PartitionSpec("data", "model", None, None, None, None)
+    assert {shard.data.nbytes for shard in k.addressable_shards} == {k.nbytes // (data * model_axis)}
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(rollout.store.layers))
+    per_device = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                     for leaf in jax.tree.leaves(rollout.store.layers))
+    assert per_device * data * model_axis == total
+
+
+def test_sharded_model_keeps_its_mesh():
+  config = tiny()
+  mesh = sharding.make_mesh(2, 2)
+  model = sharding.shard_module(CausalWanModel(config, rngs=nnx.Rngs(0)), mesh)
+  assert model.blocks.self_attn.q.kernel[...].sharding.spec == PartitionSpec(None, None, "model")
+  assert model.blocks.ffn.linear_out.kernel[...].sharding.spec == PartitionSpec(None, "model", None)
+  assert sharding.module_mesh(model) is mesh
+  assert Rollout(model, batch_size=2).mesh is mesh  # a model placed on a mesh rolls out on it
+
+
+def test_mesh_errors():
+  config = tiny()  # 4 heads
+  with pytest.raises(ValueError, match="must divide the 4 heads: one of \\[1, 2, 4\\]"):
+    sharding.make_mesh(1, 3, config=config)
+  with pytest.raises(ValueError, match="data axis \\(2\\) must divide the batch \\(3 prompts\\)"):
+    sharding.make_mesh(2, 1, batch_size=3)
+  with pytest.raises(ValueError, match="needs 16 devices, only 4 visible"):
+    sharding.make_mesh(4, 4)
+  with pytest.raises(ValueError, match="batch \\(1 prompts\\)"):
+    Rollout(CausalWanModel(config, rngs=nnx.Rngs(0)), batch_size=1, mesh=sharding.make_mesh(2, 1))
+  assert sharding.parse_mesh("data=2,model=2") == {"data": 2, "model": 2}
+  assert sharding.parse_mesh("model=4") == {"data": 1, "model": 4}
+  for bad in ("data=0", "pipe=2", "data=two", "data"):
+    with pytest.raises(ValueError, match="mesh must look like 'data=2,model=2'"):
+      sharding.parse_mesh(bad)
