@@ -40,6 +40,9 @@ WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0
                      1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 CACHE_FRAMES = 2  # frames a 3-tap causal convolution needs from the past
 NORM_EPS = 1e-12  # F.normalize's eps
+# Which 3x3 taps of a conv over a nearest-2x-upsampled axis land on each of the 2 low-res taps an
+# output phase reads: phase 0 reads (i - 1: tap 0; i: taps 1, 2), phase 1 (i: taps 0, 1; i + 1: tap 2).
+_UPSAMPLE_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
 
 Cache = dict[str, Any]  # nested dicts of arrays; None for modules without temporal state
 
@@ -135,6 +138,14 @@ class Conv3d(nnx.Module):
 
   No padding in time (callers prepend cached or zero frames, which is what makes it causal), 'same'
   zero padding in space, stride only in time.
+
+  Computed as 2-D work per output frame: the kt input frames each output frame reads are stacked on
+  the channel axis (`[B, T', H, W, kt * in]`, tap-major) against the kernel reshaped to
+  `[kh, kw, kt * in, out]`, so it is one 2-D convolution over B * T' frames (a matmul when kh = kw = 1)
+  with the same contraction as the 3-D one. Why: on Hopper, XLA gives 3-D cuDNN convolutions the
+  NCDHW layout (and 2-D ones NHWC), so every 3-D convolution transposed its input and output (about
+  30% of the bf16 480x832 decode time on an H100). The price is writing the stacked input, kt times
+  the input's size.
   """
 
   def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int, int], rngs: nnx.Rngs, *,
@@ -145,10 +156,20 @@ class Conv3d(nnx.Module):
     self.time_stride, self.dtype = time_stride, dtype
 
   def __call__(self, x: Float[Array, "b t h w ci"]) -> Float[Array, "b t2 h w co"]:
-    kh, kw = self.kernel.shape[1:3]
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=(self.time_stride, 1, 1),
-        padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)), dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    kt, kh, kw, ci, co = self.kernel.shape
+    b, t = x.shape[:2]
+    out_frames = (t - kt) // self.time_stride + 1
+    span = self.time_stride * (out_frames - 1) + 1  # input frames one tap reads
+    x = x.astype(self.dtype)
+    taps = jnp.concatenate([x[:, i:i + span:self.time_stride] for i in range(kt)], axis=-1)
+    kernel = self.kernel[...].astype(self.dtype).transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * ci, co)
+    if kh == kw == 1:
+      y = taps @ kernel[0, 0]
+    else:
+      y = jax.lax.conv_general_dilated(
+          taps.reshape(b * out_frames, *taps.shape[2:]), kernel, window_strides=(1, 1),
+          padding=((kh // 2, kh // 2), (kw // 2, kw // 2)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = y.reshape(b, out_frames, *y.shape[1:])
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -177,6 +198,30 @@ class Conv2d(nnx.Module):
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     y = y + self.bias[...].astype(self.dtype)
     return y.reshape(b, t, *y.shape[1:])
+
+  def upsample_2x(self, x: Float[Array, "b t h w ci"]) -> Float[Array, "b t h2 w2 co"]:
+    """`self(nearest 2x upsample of x)` without the upsampled input (a sub-pixel convolution).
+
+    Output pixel (2i + a, 2j + c) of a 3x3 convolution over the upsampled frame reads low-res rows
+    (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1 (columns likewise), so each of the 4 output
+    phases is a 2x2 convolution of the low-res frame with summed taps. All 4 run as one 2x2
+    convolution (4 * out channels) over the frame zero-padded by 1, whose (h + 1) x (w + 1) outputs
+    are interleaved: 16 instead of 36 taps per low-res pixel and output channel, and the 4x larger
+    upsampled input is never written.
+    """
+    kh, kw, ci, co = self.kernel.shape
+    if (kh, kw, self.stride, self.padding) != (3, 3, 1, ((1, 1), (1, 1))):
+      raise ValueError("upsample_2x needs a 3x3, stride-1, padding-1 convolution")
+    b, t, h, w, _ = x.shape
+    phase_taps = jnp.asarray(_UPSAMPLE_PHASE_TAPS)  # [phase, 2 low-res taps, 3 upsampled taps]
+    kernel = jnp.einsum("api,cqj,ijxo->pqxaco", phase_taps, phase_taps, self.kernel[...].astype(jnp.float32))
+    z = jax.lax.conv_general_dilated(
+        x.reshape(b * t, h, w, ci).astype(self.dtype), kernel.reshape(2, 2, ci, 4 * co).astype(self.dtype),
+        window_strides=(1, 1), padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    z = z.reshape(b * t, h + 1, w + 1, 2, 2, co)
+    rows = [jnp.stack([z[:, a:a + h, c:c + w, a, c] for c in (0, 1)], axis=3) for a in (0, 1)]
+    y = jnp.stack(rows, axis=2).reshape(b, t, 2 * h, 2 * w, co)  # [.., h, a, w, c, ..] -> rows 2i + a
+    return y + self.bias[...].astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -256,14 +301,10 @@ class MidBlock(nnx.Module):
     return x, {"resnets": [cache0, cache1]}
 
 
-def _upsample_nearest_2x(x: Float[Array, "b t h w c"]) -> Float[Array, "b t h2 w2 c"]:
-  return jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-
-
 class Resample(nnx.Module):
   """Spatial 2x up / down sampling, optionally with a temporal step.
 
-  upsample2d:   nearest 2x, conv 3x3 (dim -> dim / 2).
+  upsample2d:   nearest 2x, conv 3x3 (dim -> dim / 2), one sub-pixel convolution (`Conv2d.upsample_2x`).
   upsample3d:   time conv (3, 1, 1) dim -> 2 dim whose two halves become consecutive frames (t -> 2t),
                 skipped for the video's first frame; then as upsample2d.
   downsample2d: zero pad right / bottom by 1, conv 3x3 stride 2.
@@ -311,9 +352,7 @@ class Resample(nnx.Module):
           x = jnp.concatenate([head, rest.astype(head.dtype)], axis=1)
       else:
         x, cache = self._time_upsample(x, cache)
-    if self.mode.startswith("upsample"):
-      x = _upsample_nearest_2x(x)
-    x = self.resample(x)
+    x = self.resample.upsample_2x(x) if self.mode.startswith("upsample") else self.resample(x)
     if self.mode == "downsample3d":
       if first:  # frame 0 passes; the stride-2 windows start at frame 0: (0, 1, 2), (2, 3, 4), ...
         body = self.time_conv(x) if x.shape[1] >= 3 else x[:, :0]
