@@ -6,6 +6,8 @@ r"""Generates a long video: prompt(s) in, mp4 and a JSON run report out (logic: 
   python experiments/generate.py --model_dir=models/longlive --attention=sink_window \
       --prompt_file=prompts.txt --seconds=30          # lines `latent_frame: prompt`, KV recache at switches
   python experiments/generate.py --checkpoint=checkpoints/omnimem --text_embeddings=prompt.npy --num_frames=165
+  python experiments/generate.py --model_dir=models/omnimem --prompt="a corgi surfing" --seconds=120 \
+      --mesh=data=2,model=2 --batch_size=2     # 4 GPUs: 2 videos, each on 2 GPUs holding 6 heads apiece
 
 Bad input (missing or mismatched checkpoints, wrong shapes, lengths past the RoPE horizon, unwritable
 outputs, conflicting flags) gives one line `error: ...` on stderr and exit code 2, before any weights
@@ -19,7 +21,7 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
-from omnimem_jax import generate
+from omnimem_jax import generate, sharding
 from omnimem_jax.config import ATTENTION_MODES, PRESETS
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax DiT checkpoint (experiments/convert_checkpoint.py); "
@@ -57,6 +59,10 @@ _INIT_MISSING_GATES = flags.DEFINE_bool("init_missing_gates", False, "omnimem mo
                                         "gates: start them untrained (output not meaningful).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and KV-store dtype (default: float32 "
                            "on CPU, else bfloat16).")
+_MESH = flags.DEFINE_string("mesh", None, "Devices as 'data=D,model=M': the batch over D, heads (weights and KV "
+                            "store) over M (a divisor of the heads); default one device.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Videos side by side, each its own noise (default: the "
+                                   "--text_embeddings batch, or 1); spread over the mesh's data axis.")
 _RETRIEVAL_STATS = flags.DEFINE_bool("retrieval_stats", True, "omnimem: record per-layer retrieval histograms "
                                      "(one extra scoring pass per call).")
 
@@ -80,6 +86,7 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     _error(f"unexpected arguments {argv[1:]}")
+  sharding.initialize_distributed()  # multi-host jobs: when the environment describes one
   fields = [field.name for field in dataclasses.fields(generate.GenerateOptions)]
   options = generate.GenerateOptions(**{name: flags.FLAGS[name].value for name in fields})
   try:

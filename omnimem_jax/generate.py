@@ -32,7 +32,7 @@ import numpy as np
 
 from omnimem_jax import checkpoints
 from omnimem_jax.config import ATTENTION_MODES, PRESETS, ModelConfig, SamplerConfig, store_bytes
-from omnimem_jax.model.vae import VAEConfig
+from omnimem_jax.model.vae import VAEConfig, jit_decode_chunk
 
 DEFAULT_SECONDS = 10.0  # video length when neither --seconds nor --num_frames is given
 DEFAULT_OUTPUT = "outputs/demo.mp4"
@@ -67,6 +67,9 @@ class GenerateOptions:
     init_missing_gates: omnimem mode from a checkpoint without gates (untrained gates).
     dtype: compute and KV-store dtype: "float32", "bfloat16", or None (float32 on CPU, else bfloat16).
     retrieval_stats: record per-layer retrieval histograms in omnimem mode (one extra scoring pass).
+    mesh: e.g. "data=2,model=2": shard the batch over "data" and the heads (weights, KV store) over
+      "model" (`omnimem_jax.sharding`); None runs on one device.
+    batch_size: videos generated side by side (each its own noise); default: the embeddings' batch, or 1.
   """
 
   checkpoint: str | None = None
@@ -94,6 +97,8 @@ class GenerateOptions:
   init_missing_gates: bool = False
   dtype: str | None = None
   retrieval_stats: bool = True
+  mesh: str | None = None
+  batch_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +123,7 @@ class Plan:
   conditioning: str  # "prompt", "text_embeddings" or "random_embedding"
   prompts: tuple[PromptSwitch, ...]
   batch_size: int
+  mesh: dict[str, int] | None  # ("data", "model") axis sizes, or None for one device
   num_chunks: int
   requested_frames: int
   output: Path
@@ -323,6 +329,18 @@ def _length(options: GenerateOptions, config: ModelConfig) -> tuple[int, int]:
   return frames, num_chunks
 
 
+def _mesh(text: str, config: ModelConfig, batch_size: int) -> dict[str, int]:
+  """--mesh parsed and checked against the visible devices, the heads and the batch."""
+  from omnimem_jax import sharding  # noqa: PLC0415 (imports jax)
+
+  try:
+    sizes = sharding.parse_mesh(text)
+    sharding.make_mesh(sizes["data"], sizes["model"], config=config, batch_size=batch_size)
+  except ValueError as err:
+    _fail(f"--mesh={text}: {err}")
+  return sizes
+
+
 def plan(options: GenerateOptions) -> Plan:
   """Validates every flag, file and combination without loading weights; raises GenerateError."""
   fill = dict.fromkeys(MODEL_DIR_LAYOUT)
@@ -405,6 +423,14 @@ def plan(options: GenerateOptions) -> Plan:
     prompts, conditioning = [], "random_embedding"
     notes.append(f"no prompt: the conditioning is a random text embedding drawn from seed {options.seed}")
 
+  if options.batch_size is not None:
+    if options.batch_size < 1:
+      _fail(f"--batch_size must be >= 1, got {options.batch_size}")
+    if batch_size > 1 and options.batch_size != batch_size:
+      _fail(f"--batch_size={options.batch_size} contradicts --text_embeddings, which holds a batch of {batch_size}")
+    batch_size = options.batch_size
+  mesh = None if options.mesh is None else _mesh(options.mesh, config, batch_size)
+
   output = _writable_file(options.output, "--output", ".mp4")
   report = _writable_file(options.report or str(output.with_suffix(".json")), "--report", ".json")
   latents = None if options.save_latents is None else _writable_file(options.save_latents, "--save_latents", ".npy")
@@ -426,7 +452,7 @@ def plan(options: GenerateOptions) -> Plan:
                     "tests the pipeline; the pictures mean nothing")
   return Plan(options=options, config=config, checkpoint=checkpoint, vae=vae,
               text_encoder=text_encoder, tokenizer=tokenizer, conditioning=conditioning, prompts=tuple(prompts),
-              batch_size=batch_size, num_chunks=num_chunks, requested_frames=requested_frames,
+              batch_size=batch_size, mesh=mesh, num_chunks=num_chunks, requested_frames=requested_frames,
               output=output, report=report, latents=latents, pixel_scale=pixel_scale, notes=tuple(notes))
 
 
@@ -547,6 +573,7 @@ def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
+    from omnimem_jax import sharding  # noqa: PLC0415
     from omnimem_jax.convert import wan_dit, wan_vae  # noqa: PLC0415
     from omnimem_jax.model.vae import to_uint8  # noqa: PLC0415
     from omnimem_jax.model.wan import CausalWanModel  # noqa: PLC0415
@@ -566,17 +593,19 @@ def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None
     else:
       model = wan_dit.restore_model(plan.checkpoint, memory=config.memory, dtype=dtype,
                                     init_missing_gates=options.init_missing_gates)
-    cross_kv = nnx.jit(lambda m, e: m.cross_kv(e))
+    mesh = None if plan.mesh is None else sharding.make_mesh(plan.mesh["data"], plan.mesh["model"])
+    retrieval = options.retrieval_stats and config.memory.mode == "omnimem"
+    rollout = Rollout(model, SamplerConfig(), batch_size=plan.batch_size, store_dtype=dtype, retrieval=retrieval,
+                      mesh=mesh)
     starts = [prompt.chunk for prompt in plan.prompts] or [0]
-    prompts = [(chunk, cross_kv(model, e)) for chunk, e in zip(starts, embeddings, strict=True)]
+    prompts = [(chunk, rollout.cross_kv(np.broadcast_to(e, (plan.batch_size, *e.shape[1:]))))
+               for chunk, e in zip(starts, embeddings, strict=True)]
 
     vae = None if plan.vae is None else wan_vae.restore_vae(plan.vae)
-    decode = nnx.jit(lambda v, x, cache, first: v.decode_chunk(x, cache, first=first), static_argnames="first")
+    decode = None if vae is None else jit_decode_chunk(vae)
     cache = None if vae is None else checkpoints.place_like_params(
         vae, vae.init_decode_cache(plan.batch_size, config.latent_height, config.latent_width))
 
-    retrieval = options.retrieval_stats and config.memory.mode == "omnimem"
-    rollout = Rollout(model, SamplerConfig(), batch_size=plan.batch_size, store_dtype=dtype, retrieval=retrieval)
     latents, histograms, wall, decode_seconds = [], [], [], 0.0
     for segment in rollout.stream(prompts, plan.num_chunks, options.seed, recache_chunks=plan.recache_chunks):
       chunk_start = time.perf_counter() - segment.seconds
@@ -584,7 +613,7 @@ def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None
       if vae is None:
         video = visualise_latents(chunk_latents, first=segment.first_chunk == 0)
       else:
-        frames, cache = decode(vae, jnp.moveaxis(jnp.asarray(chunk_latents), 1, -1), cache, segment.first_chunk == 0)
+        frames, cache = decode(jnp.moveaxis(jnp.asarray(chunk_latents), 1, -1), cache, first=segment.first_chunk == 0)
         video = np.asarray(to_uint8(frames))
       writer.write(tile_batch(video))
       latents.append(chunk_latents)
@@ -625,7 +654,8 @@ def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None
           "seed": options.seed,
       },
       "config": {"model": _architecture(config), "memory": dataclasses.asdict(config.memory),
-                 "sampler": dataclasses.asdict(rollout.sampler), "dtype": dtype.name, "batch_size": plan.batch_size},
+                 "sampler": dataclasses.asdict(rollout.sampler), "dtype": dtype.name, "batch_size": plan.batch_size,
+                 "mesh": plan.mesh},
       "video": {"chunks": plan.num_chunks, "latent_frames": all_latents.shape[2], "frames": plan.frames,
                 "requested_frames": plan.requested_frames, "seconds": plan.frames / config.fps, "fps": config.fps,
                 "height": plan.height, "width": plan.width,

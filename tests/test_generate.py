@@ -190,6 +190,11 @@ def _bad_input_cases(tmp: Path, model_dir: Path) -> list[tuple[dict, str]]:
       ({"top_k": 0}, "top_k.*positive"),
       ({"attention": "sparse"}, "--attention=sparse is unknown"),
       ({"recache_frames": -3}, "--recache_frames must be >= 0"),
+      ({"mesh": "data=2,pipe=2"}, "--mesh=data=2,pipe=2: mesh must look like 'data=2,model=2'"),
+      ({"mesh": "data=4,model=4"}, "needs 16 devices, only 4 visible"),
+      ({"mesh": "model=3"}, r"model axis \(3\) must divide the 4 heads"),
+      ({"mesh": "data=2"}, r"data axis \(2\) must divide the batch \(1 prompts\)"),
+      ({"batch_size": 0}, "--batch_size must be >= 1"),
   ]
 
 
@@ -230,6 +235,16 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, flags, message):
   assert result.returncode == 2, result.stderr
   assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith(message)
   assert list(tmp_path.iterdir()) == []
+
+
+def test_sharded_batch_run(tmp_path):
+  """--mesh data=2,model=2 --batch_size=2 on 4 fake devices: two videos side by side, heads over 2 devices."""
+  options = GenerateOptions(output=str(tmp_path / "video.mp4"), num_frames=9, mesh="data=2,model=2", batch_size=2,
+                            save_latents=str(tmp_path / "latents.npy"))
+  report = generate.generate(options)
+  assert report["config"]["mesh"] == {"data": 2, "model": 2} and report["config"]["batch_size"] == 2
+  latents = np.load(tmp_path / "latents.npy")
+  assert latents.shape[0] == 2 and np.isfinite(latents).all() and not np.allclose(latents[0], latents[1])
 
 
 def test_report_paths_default_next_to_the_output(tmp_path):
