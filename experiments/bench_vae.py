@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from omnimem_jax.model.vae import VAEConfig, WanVAE, count_parameters, video_frames
+from omnimem_jax.model.vae import VAEConfig, WanVAE, compiler_options, count_parameters, video_frames
 
 _PRESET = flags.DEFINE_enum("preset", "wan2.1", ["wan2.1", "tiny"], "VAE config.")
 _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Activation (and parameter) dtypes to time.")
@@ -117,7 +117,7 @@ def bench_dtype(params: dict, base: VAEConfig, dtype: str, latents: jax.Array, p
   def decode(state, z, cache, first):
     return nnx.merge(graphdef, state).decode_chunk(z, cache, first=first)
 
-  step = jax.jit(decode, static_argnames="first", donate_argnames="cache")
+  step = jax.jit(decode, static_argnames="first", donate_argnames="cache", compiler_options=compiler_options())
   result = {"dtype": dtype, "parameters": count_parameters(vae)}
   outputs = {}
   for name, first, iters in (("first_chunk", True, _FIRST_ITERS.value), ("steady_chunk", False, _ITERS.value)):

@@ -11,14 +11,7 @@ from flax import nnx
 
 from omnimem_jax.convert import wan_vae
 from omnimem_jax.convert.state_dict import load_state_dict
-from omnimem_jax.model.vae import (
-  Conv2d,
-  Conv3d,
-  VAEConfig,
-  WanVAE,
-  to_uint8,
-  video_frames,
-)
+from omnimem_jax.model.vae import Conv2d, VAEConfig, WanVAE, to_uint8, video_frames
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -82,23 +75,6 @@ def test_streaming_chunks_equal_whole_decode(vae, io, decode_chunk, whole_decode
   assert _rel_err(streamed, io["decoded"]) < 1e-4
   np.testing.assert_allclose(streamed, whole_decode, atol=1e-5)
   assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(cache))
-
-
-def test_conv3d_equals_a_3d_convolution():
-  """Conv3d's 2-D form (time taps stacked on channels, a matmul for 1x1x1) equals lax's 3-D convolution,
-  time-strided included."""
-  x = jax.random.normal(jax.random.key(1), (2, 7, 5, 6, 4))
-  for kernel, stride in (((3, 3, 3), 1), ((3, 1, 1), 1), ((3, 1, 1), 2), ((1, 1, 1), 1)):
-    with nnx.use_eager_sharding(False):
-      conv = Conv3d(4, 3, kernel, nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, time_stride=stride)
-    conv.bias[...] = jax.random.normal(jax.random.key(2), (3,))
-    pad = [(k // 2, k // 2) for k in kernel[1:]]
-    want = jax.lax.conv_general_dilated(x, conv.kernel[...], (stride, 1, 1), [(0, 0), *pad],
-                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-                                        precision="highest") + conv.bias[...]
-    got = conv(x)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_upsample_2x_equals_a_conv_over_the_nearest_upsampled_frames():
