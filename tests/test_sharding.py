@@ -76,3 +76,13 @@ def test_mesh_errors():
   for bad in ("data=0", "pipe=2", "data=two", "data"):
     with pytest.raises(ValueError, match="mesh must look like 'data=2,model=2'"):
       sharding.parse_mesh(bad)
+
+
+def test_readme_sharding_example_runs():
+  from tests.test_readme import readme_python_blocks, run_block
+
+  block = next(block for block in readme_python_blocks() if "sharding.make_mesh" in block)
+  namespace = run_block(block)
+  latents = namespace["latents"]
+  assert latents.shape[:3] == (2, namespace["config"].in_channels, 12) and np.isfinite(latents).all()
+  assert latents.sharding.spec[0] == "data"
