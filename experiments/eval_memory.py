@@ -1,0 +1,229 @@
+r"""Long-memory benchmark: revisit consistency and retrieval recall of trained omnimem / window / dense
+models on the synthetic orbiting-camera world (metrics: omnimem_jax/evaluation.py).
+
+  python experiments/eval_memory.py --checkpoints=omnimem:assets/demo_checkpoint,window:runs/window/export,\
+dense:runs/dense/export --output=benchmarks/results/memory_bench.json
+
+For each mode and each of --num_videos held-out worlds (seeds never used in training):
+  prefix   the first orbit (--prefix_chunks chunks) is given as ground truth: written into the KV store
+           by the rollout's context pass (t = 0), then the Rollout engine's jitted segment generates
+           the remaining chunks with the 4-step sampler. Every generated frame revisits a view of the
+           prefix; PSNR / SSIM against it (= its first appearance), by revisit distance.
+  free     the whole video is generated from noise (Rollout.run); revisited frames against the frames
+           the model itself generated at the view's first appearance.
+  recall   (omnimem) per layer, the share of the dense oracle's attention mass over the selection
+           candidates that the top-k selected blocks hold, on a teacher-forcing pass over a ground-truth
+           clip (noisy half at sigma 0.625, the sampler's last step), against the chance level.
+Writes JSON (and a PNG plot with --plot, default next to the JSON) atomically.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from absl import app, flags, logging
+
+_CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "mode:path pairs of exported wan_dit checkpoints.")
+_NUM_VIDEOS = flags.DEFINE_integer("num_videos", 4, "Held-out worlds per mode.")
+_NUM_CHUNKS = flags.DEFINE_integer("num_chunks", 24, "Chunks per video (3 orbits of the default world).")
+_PREFIX = flags.DEFINE_integer("prefix_chunks", None, "Ground-truth chunks before generation (default: one orbit).")
+_RECALL_CHUNKS = flags.DEFINE_integer("recall_chunks", 12, "Chunks of the teacher-forcing clip for recall.")
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed; world seeds are 10**9 + video index.")
+_IMPLEMENTATION = flags.DEFINE_string("implementation", "xla", "Selection-attention backend of the rollout.")
+_OUTPUT = flags.DEFINE_string("output", "benchmarks/results/memory_bench.json", "JSON results.")
+_PLOT = flags.DEFINE_string("plot", None, "PNG plot (default: --output with .png; 'none' to skip).")
+
+MODES = ("omnimem", "window", "dense")
+WORLD_SEED_BASE = 10**9  # training draws world seeds below 2**31 - 1 from its own generator; see report
+
+
+def _error(message: object) -> NoReturn:
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_checkpoints() -> dict[str, Path]:
+  if not _CHECKPOINTS.value:
+    _error("--checkpoints is required: mode:path pairs, e.g. omnimem:assets/demo_checkpoint")
+  result = {}
+  for item in _CHECKPOINTS.value:
+    mode, sep, path = item.partition(":")
+    if not sep or mode not in MODES:
+      _error(f"--checkpoints entry {item!r} must be mode:path with mode in {MODES}")
+    if not (Path(path) / "omnimem.json").is_file():
+      _error(f"--checkpoints {mode}: {path} is not an exported checkpoint (no omnimem.json)")
+    result[mode] = Path(path)
+  return result
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+  partial.write_bytes(data)
+  os.replace(partial, path)
+
+
+def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int) -> dict[str, Any]:
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from omnimem_jax import checkpoints, evaluation, train  # noqa: PLC0415
+  from omnimem_jax.config import ModelConfig, SamplerConfig  # noqa: PLC0415
+  from omnimem_jax.convert import wan_dit  # noqa: PLC0415
+  from omnimem_jax.data import synthetic  # noqa: PLC0415
+  from omnimem_jax.memory.store import init_store  # noqa: PLC0415
+  from omnimem_jax.rollout import Rollout, context_pass, rollout_segment  # noqa: PLC0415
+
+  record = checkpoints.read_metadata(path, "wan_dit")
+  config = ModelConfig.from_dict(record["config"])
+  if config.memory.mode != mode:
+    raise ValueError(f"{path} holds a {config.memory.mode} model, listed as {mode}")
+  world = synthetic.WorldConfig(**record["training"]["world"])
+  memory = dataclasses.replace(config.memory, capacity_chunks=num_chunks)
+  model = wan_dit.restore_model(path, memory=memory, dtype=jnp.float32)
+  frames_per_chunk = memory.frames_per_chunk
+  frames = num_chunks * frames_per_chunk
+  source = synthetic.revisit_schedule(world, frames)
+  window_frames = memory.recent_chunks * frames_per_chunk
+  sampler = SamplerConfig()
+  implementation = _IMPLEMENTATION.value
+  graphdef, params = nnx.split(model)
+  write_context = jax.jit(functools.partial(context_pass, graphdef, context_timestep=sampler.context_timestep,
+                                            implementation=implementation), donate_argnums=(1,))
+  generate = jax.jit(functools.partial(rollout_segment, graphdef, sampler=sampler, batch_size=1, retrieval=False,
+                                       num_chunks=num_chunks - prefix, implementation=implementation),
+                     donate_argnums=(1,))
+  forward = jax.jit(train.teacher_forcing_forward, static_argnames=("select_own_noisy_chunk", "with_recall"))
+  prefix_scores, free_scores, recalls, timings = [], [], [], []
+  for video_index in range(_NUM_VIDEOS.value):
+    world_seed = WORLD_SEED_BASE + video_index
+    truth = synthetic.video(world, world_seed, frames)  # [C, F, H, W]
+    data_range = float(truth.max() - truth.min())
+    text = jax.random.normal(jax.random.key(world_seed), (1, config.text_len, config.text_dim))
+    cross = model.cross_kv(text)
+    start = time.perf_counter()
+    # Prefix: ground-truth first orbit in the store, then generation.
+    store = checkpoints.place_like_params(model, init_store(config=dataclasses.replace(config, memory=memory),
+                                                            batch_size=1, dtype=jnp.float32))
+    for chunk in range(prefix):
+      x0 = jnp.asarray(truth[None, :, chunk * frames_per_chunk:(chunk + 1) * frames_per_chunk])
+      store = write_context(params, store, cross, x0, jnp.int32(chunk))
+    latents, store, _ = generate(params, store, cross, jax.random.key(_SEED.value + video_index), jnp.int32(prefix))
+    generated = np.concatenate([truth[:, :prefix * frames_per_chunk], np.asarray(latents[0])], axis=1)
+    prefix_scores.append(evaluation.revisit_scores(generated, truth, source,
+                                                   np.arange(prefix * frames_per_chunk, frames), data_range))
+    # Free run: the whole video from noise.
+    free, _ = Rollout(model, sampler, store_dtype=jnp.float32, implementation=implementation).run(
+        [(0, cross)], num_chunks, seed=_SEED.value + video_index)
+    free = np.asarray(free[0])
+    free_scores.append(evaluation.revisit_scores(free, free, source, np.arange(frames),
+                                                 float(free.max() - free.min())))
+    timings.append(time.perf_counter() - start)
+    if mode == "omnimem":
+      clip = _RECALL_CHUNKS.value
+      batch = {"latents": jnp.asarray(truth[None, :, :clip * frames_per_chunk]),
+               "noise": jax.random.normal(jax.random.key(video_index), (1, *truth[:, :clip * frames_per_chunk].shape)),
+               "sigma": jnp.full((1, clip), 0.625, jnp.float32), "text": text}
+      noisy, timesteps, _ = train.noised(batch, frames_per_chunk)
+      _, stats = forward(model, batch["latents"], noisy, timesteps, text, select_own_noisy_chunk=False,
+                         with_recall=True)
+      recalls.append(np.asarray(stats["recall"]))
+  result = {
+      "checkpoint": str(path), "config": config.to_dict(), "world": dataclasses.asdict(world),
+      "window_frames": window_frames, "seconds_per_video": float(np.mean(timings)),
+      "prefix": evaluation.summarise(prefix_scores, min_distance=window_frames + 1),
+      "free": evaluation.summarise(free_scores, min_distance=window_frames + 1),
+  }
+  if recalls:
+    masks = train.chunk_masks(memory, _RECALL_CHUNKS.value, select_own_noisy_chunk=False)
+    result["retrieval_recall"] = {
+        "per_layer": np.mean(recalls, axis=0).tolist(), "mean": float(np.mean(recalls)),
+        "chance": evaluation.chance_recall(masks.candidates, _RECALL_CHUNKS.value, memory.exclude_window_chunks,
+                                           config.blocks_per_chunk, memory.top_k),
+        "clip_chunks": _RECALL_CHUNKS.value, "noisy_sigma": 0.625}
+  return result
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for mode, result in results["modes"].items():
+    for ax, protocol in zip(axes, ("prefix", "free"), strict=True):
+      by = result[protocol]["by_distance"]
+      distances = [int(d) for d in by]
+      ax.plot(distances, [by[str(d)]["psnr_db"] for d in distances], marker="o", label=mode)
+  for ax, protocol in zip(axes, ("prefix", "free"), strict=True):
+    window = next(iter(results["modes"].values()))["window_frames"]
+    ax.axvline(window, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("revisit distance (latent frames since first appearance)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title({"prefix": "ground-truth first orbit, then generated", "free": "generated from noise"}[protocol])
+    ax.legend()
+  fig.suptitle(f"Revisit consistency ({results['device']}, jax {results['jax']}); dashed: sliding window")
+  fig.tight_layout()
+  partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+  fig.savefig(partial, dpi=110, format="png")
+  os.replace(partial, path)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    _error(f"unexpected arguments {argv[1:]}")
+  checkpoints = _parse_checkpoints()
+  for flag in (_NUM_VIDEOS, _NUM_CHUNKS, _RECALL_CHUNKS):
+    if flag.value < 1:
+      _error(f"--{flag.name} must be >= 1, got {flag.value}")
+  output = Path(_OUTPUT.value)
+  if output.suffix != ".json":
+    _error(f"--output={output} must end in .json")
+  plot_path = None if _PLOT.value == "none" else Path(_PLOT.value or output.with_suffix(".png"))
+  logging.set_verbosity(logging.WARNING)
+  import jax  # noqa: PLC0415
+
+  from omnimem_jax import checkpoints as ckpt  # noqa: PLC0415
+  from omnimem_jax.data import synthetic  # noqa: PLC0415
+
+  worlds = {mode: ckpt.read_metadata(path, "wan_dit")["training"]["world"] for mode, path in checkpoints.items()}
+  period_chunks = synthetic.WorldConfig(**next(iter(worlds.values()))).period_chunks
+  prefix = int(period_chunks) if _PREFIX.value is None else _PREFIX.value
+  if not 1 <= prefix < _NUM_CHUNKS.value:
+    _error(f"--prefix_chunks={prefix} must lie in [1, --num_chunks={_NUM_CHUNKS.value})")
+  results = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+             "jax": jax.__version__, "num_videos": _NUM_VIDEOS.value, "num_chunks": _NUM_CHUNKS.value,
+             "prefix_chunks": prefix, "world_seeds": f"{WORLD_SEED_BASE} + video index",
+             "psnr": "10 log10(range^2 / MSE) on latents, range = max - min of the reference video",
+             "modes": {}}
+  for mode, path in checkpoints.items():
+    start = time.perf_counter()
+    results["modes"][mode] = evaluate_mode(path, mode, _NUM_CHUNKS.value, prefix)
+    r = results["modes"][mode]
+    print(f"{mode:8s} prefix PSNR beyond window {r['prefix']['psnr_db']:.2f} dB SSIM {r['prefix']['ssim']:.3f} | "
+          f"free {r['free']['psnr_db']:.2f} dB | recall {r.get('retrieval_recall', {}).get('mean')} | "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+  modes = results["modes"]
+  if {"omnimem", "window", "dense"} <= set(modes):
+    o, w, d = (modes[m]["prefix"]["psnr_db"] for m in ("omnimem", "window", "dense"))
+    results["goal"] = {"omnimem_minus_dense_db": o - d, "omnimem_minus_window_db": o - w,
+                       "met": bool(o >= d - 1.0 and o >= w + 3.0),
+                       "rule": "prefix protocol, revisit distance beyond the window: omnimem within 1 dB of dense "
+                               "and >= 3 dB above window"}
+    print(json.dumps(results["goal"]))
+  _atomic_write(output, (json.dumps(results, indent=2) + "\n").encode())
+  if plot_path is not None:
+    plot(results, plot_path)
+  print(f"wrote {output}" + (f" and {plot_path}" if plot_path else ""))
+
+
+if __name__ == "__main__":
+  app.run(main)

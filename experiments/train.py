@@ -1,0 +1,134 @@
+r"""Teacher-forcing training of a small causal DiT on the synthetic orbiting-camera world (logic:
+omnimem_jax/train.py). Re-running the same command resumes from the latest checkpoint in --run_dir.
+
+  python experiments/train.py --mode=omnimem --run_dir=runs/omnimem --steps=3000 \
+      --export=assets/demo_checkpoint            # the committed demo checkpoint was made like this
+  python experiments/train.py --mode=window --run_dir=runs/window --steps=3000 --export=runs/window/export
+  python experiments/train.py --mode=dense --run_dir=runs/dense --time_budget_s=120 --export=runs/dense/export
+
+Writes Orbax checkpoints (state: params, EMA, optimizer, step) under --run_dir, a JSON loss log
+(--run_dir/log.json) and, with --export, the EMA weights as a `wan_dit` checkpoint that
+experiments/generate.py (--checkpoint) and experiments/eval_memory.py read. Bad flags give one line
+`error: ...` and exit code 2 before any work.
+"""
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from absl import app, flags, logging
+
+_MODE = flags.DEFINE_enum("mode", "omnimem", ["omnimem", "window", "dense"], "Attention mode to train.")
+_RUN_DIR = flags.DEFINE_string("run_dir", None, "Directory of the run's Orbax checkpoints and log (resumes).")
+_STEPS = flags.DEFINE_integer("steps", 2000, "Train until this many steps in total.")
+_TIME_BUDGET = flags.DEFINE_float("time_budget_s", None, "Also stop once this many seconds of training passed.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Clips per step (split over the local devices).")
+_CHUNKS = flags.DEFINE_integer("num_chunks", 12, "Chunks (3 latent frames each) per training clip.")
+_LR = flags.DEFINE_float("learning_rate", 3e-4, "Peak AdamW learning rate.")
+_WARMUP = flags.DEFINE_integer("warmup_steps", 100, "Linear warm-up steps.")
+_EMA = flags.DEFINE_float("ema_decay", 0.99, "EMA decay of the exported weights.")
+_SHIFT = flags.DEFINE_float("sigma_shift", 3.0, "Shift of the logit-normal noise level toward high noise (1: none).")
+_OWN = flags.DEFINE_bool("select_own_noisy_chunk", True, "Official TF AWE: a noisy chunk may select its own blocks.")
+_DIM = flags.DEFINE_integer("dim", 128, "Model width (heads of 32).")
+_LAYERS = flags.DEFINE_integer("num_layers", 4, "Transformer blocks.")
+_WORLD_WIDTH = flags.DEFINE_integer("world_width", 96, "Panorama circumference (columns); period = width / speed.")
+_SPEED = flags.DEFINE_integer("speed", 4, "Columns the camera pans per frame.")
+_SEED = flags.DEFINE_integer("seed", 0, "Data, noise and initialisation seed.")
+_SAVE_EVERY = flags.DEFINE_integer("save_every", 500, "Checkpoint every this many steps (and at the end).")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Print and log the loss every this many steps.")
+_EXPORT = flags.DEFINE_string("export", None, "Write the EMA weights here as a wan_dit checkpoint at the end.")
+
+
+def _error(message: object) -> NoReturn:
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _validate() -> None:
+  if _RUN_DIR.value is None:
+    _error("--run_dir is required (checkpoints and the loss log go there)")
+  for flag in (_STEPS, _BATCH, _CHUNKS, _WARMUP, _DIM, _LAYERS, _SAVE_EVERY, _LOG_EVERY, _WORLD_WIDTH, _SPEED):
+    if flag.value < 1:
+      _error(f"--{flag.name} must be >= 1, got {flag.value}")
+  if _TIME_BUDGET.value is not None and not _TIME_BUDGET.value > 0:
+    _error(f"--time_budget_s must be > 0, got {_TIME_BUDGET.value}")
+  if _DIM.value % 32:
+    _error(f"--dim must be a multiple of 32 (heads of 32), got {_DIM.value}")
+  if _EXPORT.value is not None and Path(_EXPORT.value).exists():
+    _error(f"--export={_EXPORT.value} already exists; remove it or pick another path")
+  run_dir = Path(_RUN_DIR.value)
+  if run_dir.exists() and not run_dir.is_dir():
+    _error(f"--run_dir={run_dir} is not a directory")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    _error(f"unexpected arguments {argv[1:]}")
+  _validate()
+  logging.set_verbosity(logging.WARNING)  # keep Orbax INFO lines out of the loss log
+  from omnimem_jax import train  # noqa: PLC0415 (heavy imports after the flags are known to be good)
+  from omnimem_jax.data import synthetic  # noqa: PLC0415
+
+  try:
+    world = synthetic.WorldConfig(world_width=_WORLD_WIDTH.value, speed=_SPEED.value)
+    model = train.demo_model_config(_MODE.value, _CHUNKS.value, dim=_DIM.value, ffn_dim=2 * _DIM.value,
+                                    num_heads=_DIM.value // 32, num_layers=_LAYERS.value)
+    config = train.TrainConfig(model=model, world=world, num_chunks=_CHUNKS.value, batch_size=_BATCH.value,
+                               learning_rate=_LR.value, warmup_steps=_WARMUP.value, ema_decay=_EMA.value,
+                               sigma_shift=_SHIFT.value, select_own_noisy_chunk=_OWN.value, seed=_SEED.value)
+  except ValueError as err:
+    _error(err)
+
+  import jax  # noqa: PLC0415
+
+  run_dir = Path(_RUN_DIR.value)
+  trainer = train.Trainer(config, run_dir / "checkpoints")
+  log_path = run_dir / "log.json"
+  log = json.loads(log_path.read_text()) if log_path.exists() and trainer.step_count > 0 else {"history": []}
+  log.update(config=config.to_dict(), device=str(jax.devices()[0].device_kind), jax=jax.__version__,
+             devices=jax.device_count())
+  print(f"{_MODE.value}: step {trainer.step_count} -> {_STEPS.value} on {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}, world period {world.period} frames", flush=True)
+  start = time.perf_counter()
+  compile_seconds = None
+  recent: list[float] = []
+  while trainer.step_count < _STEPS.value:
+    if _TIME_BUDGET.value is not None and time.perf_counter() - start > _TIME_BUDGET.value:
+      print(f"time budget of {_TIME_BUDGET.value:g} s reached at step {trainer.step_count}", flush=True)
+      break
+    metrics = trainer.step()
+    if compile_seconds is None:
+      compile_seconds = time.perf_counter() - start
+    recent.append(metrics["loss"])
+    step = trainer.step_count
+    if step % _LOG_EVERY.value == 0 or step == _STEPS.value:
+      entry = {"step": step, "loss": sum(recent) / len(recent), "grad_norm": metrics["grad_norm"],
+               "seconds": time.perf_counter() - start}
+      log["history"].append(entry)
+      recent = []
+      print(f"step {step:6d}  loss {entry['loss']:.4f}  grad_norm {entry['grad_norm']:.3f}  "
+            f"{entry['seconds']:.0f} s", flush=True)
+    if step % _SAVE_EVERY.value == 0:
+      trainer.save(wait=False)
+  trainer.save()
+  trainer.close()
+  seconds = time.perf_counter() - start
+  log.update(steps=trainer.step_count, train_seconds=seconds, first_step_seconds=compile_seconds)
+  partial = log_path.with_name(f".{log_path.name}.partial-{os.getpid()}")
+  partial.write_text(json.dumps(log, indent=2) + "\n")
+  os.replace(partial, log_path)
+  if _EXPORT.value is not None:
+    final = log["history"][-1]["loss"] if log["history"] else None
+    path = trainer.export(_EXPORT.value, notes={"final_logged_loss": final, "train_seconds": seconds,
+                                                "device": str(jax.devices()[0].device_kind),
+                                                "jax": jax.__version__})
+    print(f"exported EMA weights to {path}")
+  print(f"done: {trainer.step_count} steps in {seconds:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Training and evaluation data (a procedural world where long-range memory matters)."""
