@@ -220,3 +220,23 @@ def test_world_config_errors():
     synthetic.WorldConfig(world_width=50, speed=4)
   with pytest.raises(ValueError, match="world_width"):
     synthetic.WorldConfig(world_width=8, speed=4)
+
+
+def test_revisit_metrics_score_copies_and_group_by_distance():
+  from omnimem_jax import evaluation
+
+  config = synthetic.WorldConfig(world_width=48, speed=4)
+  truth = synthetic.video(config, 1, 30)
+  source = synthetic.revisit_schedule(config, 30)
+  data_range = float(truth.max() - truth.min())
+  rng = np.random.default_rng(0)
+  noisy = truth + 0.1 * rng.standard_normal(truth.shape).astype(np.float32)
+  scores = evaluation.revisit_scores(noisy, truth, source, np.arange(30), data_range)
+  assert sorted(scores) == [12, 24] and len(scores[12]["psnr"]) == 12 and len(scores[24]["psnr"]) == 6
+  expected = 10 * np.log10(data_range ** 2 / 0.01)
+  assert abs(np.mean(scores[12]["psnr"]) - expected) < 0.5
+  assert evaluation.ssim(truth[:, 0], truth[:, 0], data_range) == pytest.approx(1.0)
+  assert evaluation.ssim(noisy[:, 0], truth[:, 0], data_range) < 0.99
+  assert evaluation.ssim(rng.standard_normal(truth[:, 0].shape), truth[:, 0], data_range) < 0.2
+  summary = evaluation.summarise([scores], min_distance=13)
+  assert summary["frames"] == 6 and set(summary["by_distance"]) == {"12", "24"}
