@@ -34,9 +34,9 @@ forward below is WanBlock's with per-chunk modulation (same modules, same parame
 Usage:
   config = TrainConfig(model=demo_model_config("omnimem"))
   trainer = Trainer(config, "runs/omnimem")      # restores the latest checkpoint there, if any
-  for _ in range(1000):
-    loss = trainer.step()
-  trainer.save(); trainer.export("assets/demo_checkpoint")
+  while trainer.step_count < 1000:
+    metrics = trainer.step()                     # {"loss": ..., "grad_norm": ...}
+  trainer.save(); trainer.export("runs/omnimem/export")
 """
 
 from __future__ import annotations
