@@ -18,7 +18,7 @@ a jitted per-chunk decode carries it; `first` is a static flag that marks the fi
 Speed. On Hopper GPUs XLA lays 3-D cuDNN convolutions out as NCDHW and transposes every activation
 around each one; `xla_gpu_force_conv_nhwc` keeps them channel-last (NDHWC) instead, which took a
 steady 480x832 bf16 chunk on an H100 from 114 ms (convolutions rewritten as 2-D ones over frames)
-or 136 ms (plain) to about 95 ms. Each nearest-2x upsample + 3x3 convolution runs as one sub-pixel
+or 136 ms (plain) to 96.5 ms. Each nearest-2x upsample + 3x3 convolution runs as one sub-pixel
 convolution (`Conv2d.upsample_2x`).
 
 Layout: video `[B, T, H, W, 3]` in [-1, 1], latents `[B, T', H/8, W/8, 16]` normalised with the
