@@ -24,7 +24,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 test: setup
 	$(PY) -m pytest -q tests
 
-demo: setup  # smoke run: tiny preset, random weights; writes outputs/demo.mp4 and outputs/demo.json
+demo: setup  # the committed demo model (synthetic orbiting-camera world): the camera comes back after 6 chunks; writes outputs/demo.mp4 and outputs/demo.json
 	$(PY) experiments/generate.py
 
 clean:

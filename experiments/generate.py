@@ -1,6 +1,7 @@
 r"""Generates a long video: prompt(s) in, mp4 and a JSON run report out (logic: omnimem_jax/generate.py).
 
-  python experiments/generate.py            # smoke run: tiny preset, random weights, ~1 min on a CPU
+  python experiments/generate.py            # the committed demo model (assets/demo_checkpoint), ~10 s on a CPU
+  python experiments/generate.py --preset=tiny   # smoke run: random weights, tests the pipeline
   python experiments/generate.py --model_dir=models/omnimem --prompt="a corgi surfing" --seconds=60 \
       --output=outputs/corgi.mp4
   python experiments/generate.py --model_dir=models/longlive --attention=sink_window \
@@ -16,6 +17,7 @@ are loaded.
 
 import dataclasses
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -25,7 +27,7 @@ from omnimem_jax import generate, sharding
 from omnimem_jax.config import ATTENTION_MODES, PRESETS
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax DiT checkpoint (experiments/convert_checkpoint.py); "
-                                  "none: random weights of --preset (a smoke run).")
+                                  "none: assets/demo_checkpoint, or with --preset random weights (a smoke run).")
 _PRESET = flags.DEFINE_string("preset", None, f"Architecture for random weights, one of {sorted(PRESETS)} "
                               f"(default {generate.DEFAULT_PRESET}); with --checkpoint it must match it.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (needs --text_encoder and --tokenizer, or --model_dir).")
@@ -83,12 +85,18 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
   return argv
 
 
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_checkpoint"
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     _error(f"unexpected arguments {argv[1:]}")
   sharding.initialize_distributed()  # multi-host jobs: when the environment describes one
   fields = [field.name for field in dataclasses.fields(generate.GenerateOptions)]
   options = generate.GenerateOptions(**{name: flags.FLAGS[name].value for name in fields})
+  if options.checkpoint is None and options.model_dir is None and options.preset is None and DEMO_CHECKPOINT.is_dir():
+    # No model named: the demo model trained on the synthetic orbiting-camera world (README, "Training").
+    options = dataclasses.replace(options, checkpoint=str(DEMO_CHECKPOINT))
   try:
     plan = generate.plan(options)
   except generate.GenerateError as err:

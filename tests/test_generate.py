@@ -223,6 +223,17 @@ def test_omnimem_on_a_checkpoint_without_gates(tmp_path):
   assert generate.plan(GenerateOptions(checkpoint=str(path), attention="omnimem", init_missing_gates=True))
 
 
+def test_cli_without_flags_runs_the_demo_checkpoint(tmp_path):
+  """What `make demo` runs: the committed demo model, a playable mp4 and the report."""
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, str(ROOT / "experiments/generate.py")], check=False, capture_output=True,
+                          text=True, cwd=tmp_path, env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads((tmp_path / "outputs/demo.json").read_text())
+  assert report["inputs"]["checkpoint"] == str(ROOT / "assets/demo_checkpoint") and not report["smoke"]
+  assert report["video"]["frames"] == 165 and (tmp_path / "outputs/demo.mp4").stat().st_size > 0
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--checkpoint=/nonexistent/ckpt"], "error: --checkpoint=/nonexistent/ckpt does not exist"),
     (["--prompt=a dog", "--text_embeddings=x.npy"], "error: give one of --prompt"),
