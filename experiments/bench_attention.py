@@ -2,10 +2,10 @@ r"""Benchmarks the OmniMem attention layer and its branches at the real shape, a
 
 One layer call at 480x832 (B=1, 12 heads, d=128, 4680 queries in 312 groups of 15, top-16 of 30-token
 blocks) with 10 / 40 / 80 / 160 chunks of history in the store (bf16). For each history it times:
-scoring + top-k (and its parts, plus `lax.approx_max_k`), the selection branch (Pallas Triton kernel,
-the XLA gather reference; the Mosaic GPU kernel and Triton on a store with 32-token blocks, since
-Mosaic's TMA needs 8-row-aligned block starts), the compressed and sliding branches (cuDNN and
-XLA), the whole layer (write + 3 branches + gates) and dense cuDNN attention over the full history.
+scoring + top-k (and its parts, plus `lax.approx_max_k`), the selection branch (Pallas Triton and
+Mosaic GPU kernels, the XLA gather reference), the compressed and sliding branches (the Mosaic GPU
+segment kernel, cuDNN and XLA), the whole layer (write + 3 branches + gates; default kernels, and
+with cuDNN dense branches) and dense cuDNN attention over the full history.
 Beside them, in the same run: measured copy bandwidth and bf16 matmul throughput, and the selection
 branch's no-reuse HBM floor (bytes it must read / measured bandwidth).
 
@@ -163,7 +163,7 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
   # Selection branch.
   block_view = (1, heads, chunks * config.blocks_per_chunk, config.memory.block_tokens, head_dim)
   k_blocks, v_blocks = layer.k.reshape(block_view), layer.v.reshape(block_view)
-  for name in ("triton", "xla"):
+  for name in ("triton", "mosaic_gpu", "xla"):
     fn = jax.jit(lambda q, kb, vb, i, name=name: selection_api.selection_attention(q, kb, vb, i, implementation=name))
     record(f"selection_{name}", lambda fn=fn: fn(q_heads, k_blocks, v_blocks, ids))
   if sweep:
@@ -175,19 +175,6 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
               q, kb, vb, i, scale=scale, keys_per_step=a, num_warps=w, num_stages=s))
           record(f"selection_triton_k{keys_per_step}_w{warps}_s{stages}",
                  lambda fn=fn: fn(q_heads, k_blocks, v_blocks, ids))
-  # The same ids over a store whose blocks are 32 tokens (8-row aligned: what Mosaic's TMA needs).
-  shape32 = (1, heads, chunks * config.blocks_per_chunk, 32, head_dim)
-  k32 = jax.random.normal(jax.random.key(7), shape32, jnp.bfloat16)
-  v32 = jax.random.normal(jax.random.key(8), shape32, jnp.bfloat16)
-  for name in ("mosaic_gpu", "triton"):
-    fn = jax.jit(lambda q, kb, vb, i, name=name: selection_api.selection_attention(q, kb, vb, i, implementation=name))
-    try:
-      record(f"selection_{name}_32tok", lambda fn=fn: fn(q_heads, k32, v32, ids))
-    except Exception as err:  # a backend that fails here must not stop the rest of the benchmark
-      print(f"  selection_{name}_32tok failed: {type(err).__name__}: {str(err)[:400]}", flush=True)
-      results[f"selection_{name}_32tok"] = {"error": f"{type(err).__name__}: {str(err)[:400]}"}
-  del k32, v32
-
   # Dense branches.
   recent = attention.attended_chunks(inp.chunk_index, config.memory)
   for impl in ("cudnn", "xla"):
@@ -196,6 +183,21 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
                                                                                   impl))
     record(f"compressed_{impl}", lambda f=cmp_fn: f(inp.q, layer, slot_chunk, inp.chunk_index))
     record(f"sliding_{impl}", lambda f=swa_fn: f(inp.q, layer, slot_chunk, inp.chunk_index, recent))
+
+  # The dense branches through the Mosaic GPU segment kernel, reading the store in place.
+  sliding_mosaic = jax.jit(lambda q, lay, sc, c, r: attention.chunk_attention(q, lay, sc, c, r, config.memory,
+                                                                              "mosaic_gpu"))
+  compressed_mosaic = jax.jit(lambda q, lay, sc, c: attention.compressed_attention(q, lay, sc, c, "mosaic_gpu"))
+  record("sliding_mosaic_gpu", lambda: sliding_mosaic(inp.q, layer, slot_chunk, inp.chunk_index, recent))
+  record("compressed_mosaic_gpu", lambda: compressed_mosaic(inp.q, layer, slot_chunk, inp.chunk_index))
+  dense_agreement = {name: float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+                     for name, got, want in (
+                         ("compressed", compressed_mosaic(inp.q, layer, slot_chunk, inp.chunk_index),
+                          attention.compressed_attention(inp.q, layer, slot_chunk, inp.chunk_index, "cudnn")),
+                         ("sliding", sliding_mosaic(inp.q, layer, slot_chunk, inp.chunk_index, recent),
+                          attention.chunk_attention(inp.q, layer, slot_chunk, inp.chunk_index, recent, config.memory,
+                                                    "cudnn")))}
+  print(f"  max |mosaic - cudnn| per dense branch: {dense_agreement}", flush=True)
 
   # Whole layer (write + scores + top-k + three branches + gates); the store is donated and carried.
   def layer_entry(name, implementation, dense, topk):
@@ -214,6 +216,7 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
     del state
 
   layer_entry("layer", None, None, None)
+  layer_entry("layer_cudnn_dense", None, "cudnn", None)
   layer_entry("layer_xla_topk", None, None, "xla")
   if chunks <= skip_xla_above:
     layer_entry("layer_all_xla", "xla", "xla", "xla")
@@ -226,7 +229,7 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
   del full_k, full_v
 
   sel_bytes = selection_floor_bytes(config)
-  return {"chunks": chunks, "times": results, "approx_max_k_recall": recall, "triton_topk_id_agreement": triton_agreement, "selection_floor_bytes": sel_bytes,
+  return {"chunks": chunks, "times": results, "approx_max_k_recall": recall, "dense_mosaic_vs_cudnn_max_abs": dense_agreement, "triton_topk_id_agreement": triton_agreement, "selection_floor_bytes": sel_bytes,
           "flops": {"selection": 4 * heads * tokens * config.memory.top_k * config.memory.block_tokens * head_dim,
                     "compressed": 4 * heads * tokens * chunks * config.blocks_per_chunk * head_dim,
                     "sliding": 4 * heads * tokens * config.memory.window_chunks * tokens * head_dim,
@@ -257,8 +260,9 @@ def plot(report: dict, path: str) -> bool:
     import matplotlib.pyplot as plt
   except ImportError:
     return False
-  names = ["layer", "dense_full_history_cudnn", "selection_triton", "selection_xla", "selection_mosaic_gpu_32tok",
-           "score_topk_triton", "score_topk_xla", "compressed_cudnn", "sliding_cudnn", "layer_all_xla"]
+  names = ["layer", "layer_cudnn_dense", "dense_full_history_cudnn", "selection_triton", "selection_mosaic_gpu",
+           "selection_xla", "score_topk_triton", "score_topk_xla", "compressed_mosaic_gpu", "compressed_cudnn",
+           "sliding_mosaic_gpu", "sliding_cudnn", "layer_all_xla"]
   chunks = [e["chunks"] for e in report["histories"]]
   fig, ax = plt.subplots(figsize=(8, 5))
   for name in names:
@@ -300,21 +304,22 @@ def main(argv):
                  "top_k": config.memory.top_k, "block_tokens": config.memory.block_tokens,
                  "blocks_per_chunk": config.blocks_per_chunk, "window_chunks": config.memory.window_chunks},
       "default_selection_implementations": list(selection_api.default_implementations()),
+      "default_dense_implementation": attention.default_dense_implementation(jnp.bfloat16),
       "ceilings": ceiling, "histories": histories,
   }
   with open(_OUT.value + ".json", "w") as f:
     json.dump(report, f, indent=1)
   plotted = plot(report, _OUT.value + ".png")
   print(f"wrote {_OUT.value}.json" + (f" and {_OUT.value}.png" if plotted else " (no matplotlib: no PNG)"))
-  print(f"{'chunks':>6} {'layer':>8} {'dense':>8} {'x':>6} {'sel_tri':>8} {'sel_xla':>8} {'sel_floor':>9} "
-        f"{'topk':>7} {'topkxla':>7} {'cmp':>7} {'swa':>7}")
+  columns = {"layer": "layer", "layer_cudnn_dense": "lay_cudnn", "dense_full_history_cudnn": "dense",
+             "selection_triton": "sel_tri", "selection_mosaic_gpu": "sel_mgpu", "selection_xla": "sel_xla",
+             "score_topk_triton": "topk", "score_topk_xla": "topk_xla", "compressed_mosaic_gpu": "cmp_mgpu",
+             "compressed_cudnn": "cmp_cudnn", "sliding_mosaic_gpu": "swa_mgpu", "sliding_cudnn": "swa_cudnn"}
+  print(f"{'chunks':>6} " + " ".join(f"{c:>9}" for c in columns.values()) + f" {'x dense':>8} {'sel_floor':>9}")
   for e in histories:
     t = {k: v.get("median_ms", float("nan")) for k, v in e["times"].items()}
-    print(f"{e['chunks']:6d} {t['layer']:8.3f} {t['dense_full_history_cudnn']:8.3f} "
-          f"{t['dense_full_history_cudnn'] / t['layer']:6.1f} {t['selection_triton']:8.3f} {t['selection_xla']:8.3f} "
-          f"{e['floors']['selection_ms']:9.3f} {t['score_topk_triton']:7.3f} {t['score_topk_xla']:7.3f} "
-          f"{t['compressed_cudnn']:7.3f} "
-          f"{t['sliding_cudnn']:7.3f}")
+    print(f"{e['chunks']:6d} " + " ".join(f"{t.get(k, float('nan')):9.3f}" for k in columns)
+          + f" {t['dense_full_history_cudnn'] / t['layer']:8.1f} {e['floors']['selection_ms']:9.3f}")
 
 
 if __name__ == "__main__":

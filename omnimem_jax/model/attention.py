@@ -13,6 +13,8 @@ it writes the chunk's post-RoPE K/V into the store, then
   dense:        dense over every stored chunk.
 
 Attention inside the current chunk is bidirectional in every branch. Keys are never re-rotated.
+Dense branches run through `kernels.segment_attention` (the Mosaic GPU kernel reading the store in
+place) on Hopper GPUs, cuDNN on other GPUs, XLA elsewhere (`default_dense_implementation`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from kernels import dispatch
+from kernels.segment_attention import api as segment_api
 from kernels.selection_attention import api as selection_api
 from omnimem_jax.config import MemoryConfig, ModelConfig
 from omnimem_jax.memory.select import select_blocks
@@ -34,11 +38,19 @@ GATE_ORDER = ("cmp", "slc", "swa")
 GATE_CLIP = 10.0
 
 
-DENSE_IMPLEMENTATIONS = ("xla", "cudnn")
+DENSE_IMPLEMENTATIONS = ("xla", "cudnn", "mosaic_gpu")
 
 
 def default_dense_implementation(dtype: jnp.dtype) -> str:
-  """cuDNN flash attention for 16-bit inputs on GPUs (it has no f32 path), XLA otherwise."""
+  """For 16-bit inputs: the Mosaic GPU segment kernel on Hopper GPUs, cuDNN flash attention on other
+  GPUs; XLA otherwise (cuDNN has no f32 path)."""
+  if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
+    return "xla"
+  return "mosaic_gpu" if dispatch.platform_name() == "gpu_hopper" else "cudnn"
+
+
+def cudnn_or_xla(dtype: jnp.dtype) -> str:
+  """cuDNN flash attention for 16-bit inputs on GPUs, XLA otherwise (plain [b, n, h, d] attention)."""
   return "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
@@ -88,20 +100,23 @@ def attended_chunks(chunk_index: Int[Array, ""], memory: MemoryConfig) -> Int[Ar
                           jnp.where(recent >= memory.pinned_chunks, recent, -1)])
 
 
+def _chunk_slots(slot_chunk: Int[Array, " slots"], chunk_index: Int[Array, ""], chunk_ids: Int[Array, " n"] | None,
+                 memory: MemoryConfig) -> tuple[Int[Array, " n"], Bool[Array, " n"]]:
+  """The slots of the listed chunks (None: every slot) and which of them hold a chunk of 0..c."""
+  if chunk_ids is None:
+    return jnp.arange(slot_chunk.shape[0], dtype=jnp.int32), holds_chunks_through(slot_chunk, chunk_index)
+  slots = slot_of_chunk(jnp.maximum(chunk_ids, 0), memory)
+  return slots, (chunk_ids >= 0) & (chunk_ids <= chunk_index) & (slot_chunk[slots] == chunk_ids)
+
+
 def _chunk_keys(layer: LayerKV, slot_chunk: Int[Array, " slots"], chunk_index: Int[Array, ""],
                 chunk_ids: Int[Array, " n"] | None, memory: MemoryConfig, resident_first: bool):
   """Full-resolution keys, values [b, h, m, d] of the listed chunks (None: every slot) and the key mask."""
   tokens = layer.k.shape[3]
+  slots, resident = _chunk_slots(slot_chunk, chunk_index, chunk_ids, memory)
   if chunk_ids is None and not resident_first:  # every slot, in place
     keys, values = layer.k, layer.v
-    resident = holds_chunks_through(slot_chunk, chunk_index)
   else:
-    if chunk_ids is None:
-      slots = jnp.arange(slot_chunk.shape[0], dtype=jnp.int32)
-      resident = holds_chunks_through(slot_chunk, chunk_index)
-    else:
-      slots = slot_of_chunk(jnp.maximum(chunk_ids, 0), memory)
-      resident = (chunk_ids >= 0) & (chunk_ids <= chunk_index) & (slot_chunk[slots] == chunk_ids)
     if resident_first:  # for cuDNN's length mask
       slots, resident = _resident_first(slots, resident)
     keys, values = jnp.take(layer.k, slots, axis=2), jnp.take(layer.v, slots, axis=2)
@@ -125,10 +140,53 @@ def _compressed_keys(layer: LayerKV, slot_chunk: Int[Array, " slots"], chunk_ind
   return keys, values, jnp.repeat(stored, blocks_per_chunk, total_repeat_length=layer.k_pooled.shape[2])
 
 
+def _rows(x: Float[Array, "b h ..."]) -> Float[Array, "b h r d"]:
+  """A store array viewed as heads-major rows (free: the store's layout)."""
+  return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
+
+
+def _segment_attention(q: Float[Array, "b n h d"], keys: Float[Array, "b h r d"], values: Float[Array, "b h r d"],
+                       starts: Int[Array, " m"], count: Int[Array, ""], length: int | Int[Array, ""]):
+  """The segment kernel on GPUs (None where it cannot take the shapes: the caller falls back to cuDNN);
+  elsewhere the XLA segment reference, which keeps the segment bookkeeping testable on CPUs."""
+  implementation = "mosaic_gpu" if jax.default_backend() == "gpu" else "xla"
+  try:
+    return segment_api.segment_attention(q, keys, values, starts, count, length, implementation=implementation)
+  except NotImplementedError:
+    return None
+
+
+def _chunk_segments(layer: LayerKV, slot_chunk, chunk_index, chunk_ids, memory: MemoryConfig):
+  """The listed chunks as segments of the full-resolution rows: resident slots first, one slot each."""
+  tokens = layer.k.shape[3]
+  slots, resident = _resident_first(*_chunk_slots(slot_chunk, chunk_index, chunk_ids, memory))
+  return slots * tokens, jnp.sum(resident, dtype=jnp.int32), tokens
+
+
+def _compressed_segments(layer: LayerKV, slot_chunk, chunk_index):
+  """The pooled rows of the slots holding chunks 0..c: one segment when those slots come first
+  (always so in a rollout, which writes chunks in order), else one segment per slot (a rewound
+  store whose later slots hold later chunks)."""
+  slots = slot_chunk.shape[0]
+  blocks_per_chunk = layer.k_pooled.shape[2] // slots
+  stored = holds_chunks_through(slot_chunk, chunk_index)
+  count = jnp.sum(stored, dtype=jnp.int32)
+  prefix = jnp.all(stored == (jnp.arange(slots) < count))
+  order, _ = _resident_first(jnp.arange(slots, dtype=jnp.int32), stored)
+  starts = jnp.where(prefix, 0, order * blocks_per_chunk)
+  return starts, jnp.where(prefix, jnp.minimum(count, 1), count), jnp.where(prefix, count, 1) * blocks_per_chunk
+
+
 def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
                     chunk_index: Int[Array, ""], chunk_ids: Int[Array, " n"] | None,
                     memory: MemoryConfig, implementation: str = "xla") -> Float[Array, "b n h d"]:
   """Dense attention over the full-resolution K/V of the listed chunks that are still stored."""
+  if implementation == "mosaic_gpu":
+    out = _segment_attention(q, _rows(layer.k), _rows(layer.v),
+                             *_chunk_segments(layer, slot_chunk, chunk_index, chunk_ids, memory))
+    if out is not None:
+      return out
+    implementation = cudnn_or_xla(q.dtype)
   keys, values, mask = _chunk_keys(layer, slot_chunk, chunk_index, chunk_ids, memory, implementation != "xla")
   return _masked_attention(q, keys, values, mask, implementation)
 
@@ -136,6 +194,11 @@ def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[
 def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
                          chunk_index: Int[Array, ""], implementation: str = "xla") -> Float[Array, "b n h d"]:
   """Dense attention over the pooled K/V of every stored chunk 0..c (current chunk included)."""
+  if implementation == "mosaic_gpu":
+    out = _segment_attention(q, layer.k_pooled, layer.v_pooled, *_compressed_segments(layer, slot_chunk, chunk_index))
+    if out is not None:
+      return out
+    implementation = cudnn_or_xla(q.dtype)
   keys, values, mask = _compressed_keys(layer, slot_chunk, chunk_index, implementation != "xla")
   return _masked_attention(q, keys, values, mask, implementation)
 
@@ -217,8 +280,8 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
     gate_logits: `x_sa @ Wg + bg` reshaped per head, order (cmp, slc, swa); omnimem mode only.
     config: geometry and memory configuration.
     implementation: selection-attention backend preference (default: per platform).
-    dense_implementation: "cudnn" or "xla" for the dense branches (default: cuDNN for 16-bit inputs
-      on GPUs, else XLA).
+    dense_implementation: "mosaic_gpu", "cudnn" or "xla" for the dense branches (default: see
+      `default_dense_implementation`).
     topk_implementation: "triton" (fused scoring + top-k kernel) or "xla" (default: per platform).
 
   Returns:
@@ -233,11 +296,16 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
   view = layer if layer_index is None else layer_kv(layer, layer_index)
   recent = attended_chunks(chunk_index, memory)
   dense = default_dense_implementation(q.dtype) if dense_implementation is None else dense_implementation
+  if dense == "mosaic_gpu" and layer_index is not None:
+    # Inside the DiT's stacked store, handing the store to the Mosaic kernel made XLA copy every
+    # layer's K (a 32 GiB allocation at 80 chunks on the H100, which failed); cuDNN gathers the slots.
+    dense = cudnn_or_xla(q.dtype)
+  stacked = None if layer_index is None else layer
+  layer_index = None if layer_index is None else jnp.asarray(layer_index, jnp.int32)
+  o_swa = chunk_attention(q, view, slot_chunk, chunk_index, recent, memory, dense)
   if memory.mode != "omnimem":
-    return chunk_attention(q, view, slot_chunk, chunk_index, recent, memory, dense), layer
+    return o_swa, layer
   o_cmp = compressed_attention(q, view, slot_chunk, chunk_index, dense)
   o_slc = selection_branch(q, view, slot_chunk, chunk_index, config, implementation, topk_implementation,
-                           stacked=None if layer_index is None else layer,
-                           layer_index=None if layer_index is None else jnp.asarray(layer_index, jnp.int32))
-  o_swa = chunk_attention(q, view, slot_chunk, chunk_index, recent, memory, dense)
+                           stacked=stacked, layer_index=layer_index)
   return gate_branches(gate_logits, o_cmp, o_slc, o_swa).astype(q.dtype), layer

@@ -36,7 +36,7 @@ from omnimem_jax.model import rope
 from omnimem_jax.model.attention import (
   GATE_ORDER,
   chunk_self_attention,
-  default_dense_implementation,
+  cudnn_or_xla,
 )
 from omnimem_jax.model.layout import from_block_order, to_block_order
 
@@ -180,7 +180,7 @@ class WanBlock(nnx.Module):
     x_ca = layer_norm(x, self.eps, self.norm_cross_scale[...], self.norm_cross_bias[...]).astype(self.dtype)
     cross_k, cross_v = cross
     q = self.cross_attn.queries(x_ca)
-    implementation = default_dense_implementation(q.dtype)  # cuDNN flash attention for bf16 on GPUs
+    implementation = cudnn_or_xla(q.dtype)
     attended = jax.nn.dot_product_attention(q, cross_k.astype(q.dtype), cross_v.astype(q.dtype),
                                             implementation=None if implementation == "xla" else implementation)
     x = x + self.cross_attn.project_out(attended).astype(jnp.float32)

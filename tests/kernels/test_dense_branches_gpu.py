@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from omnimem_jax.memory import store
-from omnimem_jax.model.attention import chunk_self_attention, default_dense_implementation
+from omnimem_jax.model.attention import chunk_self_attention
 from tests.configs import tiny
 from tests.kernels.selection_attention_suite import relative_error
 
@@ -31,8 +31,3 @@ def test_cudnn_dense_branches_match_xla_through_ring_reuse(mode):
     out, layer = step(q, k, v, layer, slot_chunk, jnp.int32(chunk), gates, dense="cudnn")
     slot_chunk = store.assign_slot(slot_chunk, chunk, config.memory)
     assert relative_error(out, expected) < 1e-2, chunk
-
-
-def test_default_dense_implementation_on_gpu():
-  assert default_dense_implementation(jnp.bfloat16) == "cudnn"
-  assert default_dense_implementation(jnp.float32) == "xla"

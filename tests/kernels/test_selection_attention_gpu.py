@@ -95,10 +95,10 @@ def test_mosaic_gpu_refuses_and_dispatch_falls_through(case):
 
 
 @gpu
-def test_hopper_prefers_mosaic_gpu():
+def test_hopper_prefers_triton_then_mosaic_gpu():
   if jax.devices()[0].compute_capability != "9.0":
     pytest.skip("not a Hopper GPU")
-  assert api.default_implementations() == ("mosaic_gpu", "triton", "xla")
+  assert api.default_implementations() == ("triton", "mosaic_gpu", "xla")
 
 
 def test_window_geometry():
