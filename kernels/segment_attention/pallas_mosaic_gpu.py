@@ -1,15 +1,16 @@
 """Segment attention as a warp-specialised Pallas Mosaic GPU kernel (Hopper: TMA, wgmma).
 
 The keys are read in place from a heads-major row source (the store's `[b, h, rows, d]` view):
-`count` segments of `length` rows, segment i starting at row `starts[i]`. One CTA per (128 queries,
-head, batch entry).
+`count` segments of `length` rows, segment i starting at row `starts[i]`. One CTA per (head, 128
+queries, batch entry), heads the fastest launch axis (measured on the H100: 0.76 against 0.80 ms
+for the 80-chunk sliding window with query tiles fastest).
 
 A CTA is three warpgroups (the FlashAttention-3 structure): two compute warpgroups of 64 queries
 each and one that only issues TMA copies of `block_kv`-row K and V tiles into a ring of `stages`
 shared-memory slots. Mosaic's TMA views the source as 8-row tiles, so a segment is read from
 `starts[i]` rounded down to 8 rows (offset r = starts[i] % 8) in `ceil((length + 7) / block_kv)`
-tiles (enough for any offset); the first tile and those past the last full one mask the rows
-outside the segment (the rest run unmasked), so those rows only need to be finite (neighbouring
+tiles (enough for any offset); the first tile (when r > 0) and those past the last full one mask
+the rows outside the segment (the rest run unmasked), so those rows only need to be finite (neighbouring
 rows of the store, or TMA's zero fill past the source's end). A tile that ends up fully masked adds
 nothing: it is never a segment's first. The
 compute warpgroups take turns on the tensor cores (a schedule barrier), so one's softmax overlaps
@@ -111,9 +112,10 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, out_ref, scratch, *, block_q: int, bl
         lo = offset - (step - first) * block_kv
         return step_fn(step, carry, valid=(lo, lo + length))
 
-      full_end = first + jnp.maximum(lax.div(offset + length, block_kv), 1)  # tiles 1.. inside the segment
-      carry = lax.fori_loop(first, first + 1, edge, carry)
-      carry = lax.fori_loop(first + 1, full_end, functools.partial(step_fn, valid=None), carry)
+      masked_first = first + (offset > 0).astype(jnp.int32)  # an aligned start needs no mask on tile 0
+      full_end = jnp.maximum(first + lax.div(offset + length, block_kv), masked_first)  # the full tiles' end
+      carry = lax.fori_loop(first, masked_first, edge, carry)
+      carry = lax.fori_loop(masked_first, full_end, functools.partial(step_fn, valid=None), carry)
       return lax.fori_loop(full_end, first + tiles_per_segment, edge, carry)
 
     row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -193,8 +195,8 @@ def segment_attention(q: Float[Array, "b n h d"], keys: Float[Array, "b h r d"],
           plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
           collective_axes="wg"),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(pl.cdiv(tokens, COMPUTE_WARPGROUPS * block_q), heads, batch),
-      grid_names=("q_tile", "head", "batch"),
+      grid=(heads, pl.cdiv(tokens, COMPUTE_WARPGROUPS * block_q), batch),
+      grid_names=("head", "q_tile", "batch"),
       num_threads=COMPUTE_WARPGROUPS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
