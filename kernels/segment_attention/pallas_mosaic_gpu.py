@@ -2,8 +2,9 @@
 
 The keys are read in place from a heads-major row source (the store's `[b, h, rows, d]` view):
 `count` segments of `length` rows, segment i starting at row `starts[i]`. One CTA per (head, 128
-queries, batch entry), heads the fastest launch axis (measured on the H100: 0.76 against 0.80 ms
-for the 80-chunk sliding window with query tiles fastest).
+queries, batch entry), heads the fastest launch axis (80-chunk sliding window on the H100: 0.76
+against 0.80 ms with query tiles fastest in one sweep, 0.77 against 0.79 across the two full
+benchmark runs: a small gain at most).
 
 A CTA is three warpgroups (the FlashAttention-3 structure): two compute warpgroups of 64 queries
 each and one that only issues TMA copies of `block_kv`-row K and V tiles into a ring of `stages`
