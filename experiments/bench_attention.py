@@ -19,6 +19,7 @@ device-synchronised batches), with min / max as the spread.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import platform
@@ -31,6 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from kernels.block_topk import pallas_triton as block_topk_triton
+from kernels.segment_attention import pallas_mosaic_gpu as segment_mosaic_gpu
 from kernels.selection_attention import api as selection_api
 from kernels.selection_attention import pallas_triton
 from omnimem_jax.config import ModelConfig
@@ -198,6 +200,16 @@ def bench_history(chunks: int, reps: int, inner: int, sweep: bool, skip_xla_abov
                           attention.chunk_attention(inp.q, layer, slot_chunk, inp.chunk_index, recent, config.memory,
                                                     "cudnn")))}
   print(f"  max |mosaic - cudnn| per dense branch: {dense_agreement}", flush=True)
+  if sweep:  # the segment kernel's key splits per query tile (wave filling), per dense branch
+    scale = 1.0 / math.sqrt(head_dim)
+    sliding_args = (attention._rows(layer.k), attention._rows(layer.v),
+                    *attention._chunk_segments(layer, slot_chunk, inp.chunk_index, recent, config.memory))
+    compressed_args = (layer.k_pooled, layer.v_pooled,
+                       *attention._compressed_segments(layer, slot_chunk, inp.chunk_index))
+    for splits in (1, 2, 3, 4):
+      fn = jax.jit(functools.partial(segment_mosaic_gpu.segment_attention, scale=scale, splits=splits))
+      record(f"sliding_mosaic_gpu_splits{splits}", lambda fn=fn: fn(inp.q, *sliding_args))
+      record(f"compressed_mosaic_gpu_splits{splits}", lambda fn=fn: fn(inp.q, *compressed_args))
 
   # Whole layer (write + scores + top-k + three branches + gates); the store is donated and carried.
   def layer_entry(name, implementation, dense, topk):

@@ -70,17 +70,53 @@ def test_xla_reference_matches_oracle(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_mosaic_gpu_matches_oracle(name, seed):
+@pytest.mark.parametrize("splits", [None, 1, 2, 5])  # None: the default; 5 leaves some CTAs no key step
+def test_mosaic_gpu_matches_oracle(name, seed, splits):
   if jax.devices()[0].compute_capability != "9.0":
     pytest.skip("not a Hopper GPU")
   q, keys, values, starts, count, length = make_case(seed, name)
   rounded = [np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (q, keys, values)]
-  out = _run((q, keys, values, starts, count, length), jnp.bfloat16, "mosaic_gpu")
+  bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+  out = pallas_mosaic_gpu.segment_attention(bf16(q), bf16(keys), bf16(values), jnp.asarray(starts), jnp.int32(count),
+                                            jnp.int32(length), scale=q.shape[-1] ** -0.5, splits=splits)
   assert out.dtype == jnp.bfloat16 and out.shape == q.shape
   if count:
     assert relative_error(out, oracle(*rounded, starts, count, length)) < 1e-2
   else:
     assert not np.asarray(out, np.float32).any()
+
+
+def _partial_softmax(q, keys, values, rows):
+  """[b, n, h, d] normalised output and [b, h, n] base-2 log-sum-exp over the listed rows (float64)."""
+  if not rows:
+    return np.zeros(q.shape), np.full((q.shape[0], q.shape[2], q.shape[1]), -np.inf)
+  logits = np.einsum("bnhd,bhmd->bhnm", q, keys[:, :, rows]) / np.sqrt(q.shape[-1])
+  top = logits.max(axis=-1, keepdims=True)
+  weights = np.exp(logits - top)
+  total = weights.sum(axis=-1)
+  out = np.einsum("bhnm,bhmd->bnhd", weights / total[..., None], values[:, :, rows])
+  return out, (top[..., 0] + np.log(total)) / np.log(2)
+
+
+def test_merge_partials_matches_one_softmax():
+  """Partial results over disjoint key sets (one of them empty) merge to the softmax over their union."""
+  q, keys, values, *_ = make_case(3, "slots")
+  parts = [list(range(0, 100)), [], list(range(100, 130)) + list(range(400, 576))]
+  outs, lses = zip(*(_partial_softmax(q, keys, values, rows) for rows in parts), strict=True)
+  merged = pallas_mosaic_gpu.merge_partials(jnp.asarray(np.stack(outs), jnp.float32),
+                                            jnp.asarray(np.stack(lses), jnp.float32))
+  expected = _partial_softmax(q, keys, values, sum(parts, []))[0]
+  assert relative_error(merged, expected) < 1e-5
+  empty = pallas_mosaic_gpu.merge_partials(jnp.zeros((2, *q.shape)), jnp.full((2, q.shape[0], q.shape[2], q.shape[1]),
+                                                                                -jnp.inf))
+  assert not np.asarray(empty).any() and np.isfinite(np.asarray(empty)).all()
+
+
+def test_default_splits_fill_the_waves():
+  assert pallas_mosaic_gpu.default_splits(12 * 37, 132) == 2  # the real chunk on an H100: 4 waves -> 6.7
+  assert pallas_mosaic_gpu.default_splits(132, 132) == 1  # exactly one wave
+  assert pallas_mosaic_gpu.default_splits(264, 132) == 1
+  assert pallas_mosaic_gpu.default_splits(8, 132) == 4  # a tiny grid: as many as allowed
 
 
 def test_mosaic_gpu_refuses_what_its_tma_cannot_view():
