@@ -177,13 +177,29 @@ def _compressed_segments(layer: LayerKV, slot_chunk, chunk_index):
   return starts, jnp.where(prefix, jnp.minimum(count, 1), count), jnp.where(prefix, count, 1) * blocks_per_chunk
 
 
+def _segment_source(view: Float[Array, "b h ..."], stacked: Float[Array, "b h l ..."] | None,
+                    layer_index: Int[Array, ""] | None) -> tuple[Float[Array, "b h r d"], Int[Array, ""] | int]:
+  """Heads-major rows the segment kernel reads, and the row where `view`'s layer starts in them:
+  the stacked store of every layer when given (read in place: no copy of the layer), else `view`."""
+  if stacked is None:
+    return _rows(view), 0
+  return _rows(stacked), layer_index * math.prod(view.shape[2:-1])
+
+
 def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
                     chunk_index: Int[Array, ""], chunk_ids: Int[Array, " n"] | None,
-                    memory: MemoryConfig, implementation: str = "xla") -> Float[Array, "b n h d"]:
-  """Dense attention over the full-resolution K/V of the listed chunks that are still stored."""
+                    memory: MemoryConfig, implementation: str = "xla", stacked: LayerKV | None = None,
+                    layer_index: Int[Array, ""] | None = None) -> Float[Array, "b n h d"]:
+  """Dense attention over the full-resolution K/V of the listed chunks that are still stored.
+
+  With `stacked` (every layer's store; `layer` is layer `layer_index` of it), the segment kernel
+  reads the stacked store in place.
+  """
   if implementation == "mosaic_gpu":
-    out = _segment_attention(q, _rows(layer.k), _rows(layer.v),
-                             *_chunk_segments(layer, slot_chunk, chunk_index, chunk_ids, memory))
+    keys, offset = _segment_source(layer.k, None if stacked is None else stacked.k, layer_index)
+    values, _ = _segment_source(layer.v, None if stacked is None else stacked.v, layer_index)
+    starts, count, length = _chunk_segments(layer, slot_chunk, chunk_index, chunk_ids, memory)
+    out = _segment_attention(q, keys, values, starts + offset, count, length)
     if out is not None:
       return out
     implementation = cudnn_or_xla(q.dtype)
@@ -192,10 +208,15 @@ def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[
 
 
 def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
-                         chunk_index: Int[Array, ""], implementation: str = "xla") -> Float[Array, "b n h d"]:
-  """Dense attention over the pooled K/V of every stored chunk 0..c (current chunk included)."""
+                         chunk_index: Int[Array, ""], implementation: str = "xla", stacked: LayerKV | None = None,
+                         layer_index: Int[Array, ""] | None = None) -> Float[Array, "b n h d"]:
+  """Dense attention over the pooled K/V of every stored chunk 0..c (current chunk included); with
+  `stacked`, read in place as in `chunk_attention`."""
   if implementation == "mosaic_gpu":
-    out = _segment_attention(q, layer.k_pooled, layer.v_pooled, *_compressed_segments(layer, slot_chunk, chunk_index))
+    keys, offset = _segment_source(layer.k_pooled, None if stacked is None else stacked.k_pooled, layer_index)
+    values, _ = _segment_source(layer.v_pooled, None if stacked is None else stacked.v_pooled, layer_index)
+    starts, count, length = _compressed_segments(layer, slot_chunk, chunk_index)
+    out = _segment_attention(q, keys, values, starts + offset, count, length)
     if out is not None:
       return out
     implementation = cudnn_or_xla(q.dtype)
@@ -296,16 +317,12 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
   view = layer if layer_index is None else layer_kv(layer, layer_index)
   recent = attended_chunks(chunk_index, memory)
   dense = default_dense_implementation(q.dtype) if dense_implementation is None else dense_implementation
-  if dense == "mosaic_gpu" and layer_index is not None:
-    # Inside the DiT's stacked store, handing the store to the Mosaic kernel made XLA copy every
-    # layer's K (a 32 GiB allocation at 80 chunks on the H100, which failed); cuDNN gathers the slots.
-    dense = cudnn_or_xla(q.dtype)
   stacked = None if layer_index is None else layer
   layer_index = None if layer_index is None else jnp.asarray(layer_index, jnp.int32)
-  o_swa = chunk_attention(q, view, slot_chunk, chunk_index, recent, memory, dense)
+  o_swa = chunk_attention(q, view, slot_chunk, chunk_index, recent, memory, dense, stacked, layer_index)
   if memory.mode != "omnimem":
     return o_swa, layer
-  o_cmp = compressed_attention(q, view, slot_chunk, chunk_index, dense)
+  o_cmp = compressed_attention(q, view, slot_chunk, chunk_index, dense, stacked, layer_index)
   o_slc = selection_branch(q, view, slot_chunk, chunk_index, config, implementation, topk_implementation,
                            stacked=stacked, layer_index=layer_index)
   return gate_branches(gate_logits, o_cmp, o_slc, o_swa).astype(q.dtype), layer

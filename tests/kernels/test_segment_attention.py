@@ -214,8 +214,9 @@ def test_default_dense_implementation_by_platform():
 
 
 @pytest.mark.parametrize("mode", ["omnimem", "window"])
-def test_stacked_store_with_mosaic_requested_stays_correct(mode):
-  """Layer 1 of a 3-layer store, as the DiT runs it (its dense branches then go through cuDNN / XLA)."""
+def test_stacked_store_read_in_place_matches_xla(mode):
+  """Layer 1 of a 3-layer store of random K/V, as the DiT runs it: the segment path reads the stacked
+  store at layer 1's row offset (a wrong offset reads another layer's keys)."""
   config = _config(mode, capacity_chunks=5)
   dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
   kv = store.init_store(config, 1, dtype, num_layers=3)
