@@ -80,6 +80,7 @@ def test_bf16_store_and_activations(mode):
     (lambda a: {**a, "gate_logits": None}, "omnimem mode needs gate_logits of shape"),
     (lambda a: {**a, "gate_logits": a["gate_logits"][..., :2]}, r"got \(2, 96, 4, 2\)"),
     (lambda a: {**a, "config": tiny(mode="dense")}, "dense mode has no gates"),
+    (lambda a: {**a, "dense_implementation": "flash"}, "unknown dense_implementation 'flash'"),
 ])
 def test_bad_inputs_raise_clear_errors(change, match):
   config = tiny()
@@ -120,10 +121,11 @@ def test_stacked_store_in_place_equals_one_layer_store(mode):
   slot_chunk = jnp.array([4, 1, 2, 3], jnp.int32)  # chunk 5 reuses slot 1; chunk 0 was evicted
   q, k, v, gates = chunk_inputs(config, seed=9)
   gates = gates if mode == "omnimem" else None
-  expected_out, expected_layer = chunk_self_attention(q, k, v, store.layer_kv(stacked, 2), slot_chunk, 5, gates,
-                                                      config)
-  out, layers = jax.jit(lambda s: chunk_self_attention(q, k, v, s, slot_chunk, 5, gates, config,
-                                                       layer_index=jnp.int32(2)))(stacked)
+  with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: eager and jitted orders must agree
+    expected_out, expected_layer = chunk_self_attention(q, k, v, store.layer_kv(stacked, 2), slot_chunk, 5, gates,
+                                                        config)
+    out, layers = jax.jit(lambda s: chunk_self_attention(q, k, v, s, slot_chunk, 5, gates, config,
+                                                         layer_index=jnp.int32(2)))(stacked)
   np.testing.assert_allclose(out, expected_out, rtol=1e-6, atol=1e-6)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # noqa: E731 (jit vs eager pooling)
   jax.tree.map(close, store.layer_kv(layers, 2), expected_layer)

@@ -14,7 +14,8 @@ it writes the chunk's post-RoPE K/V into the store, then
 
 Attention inside the current chunk is bidirectional in every branch. Keys are never re-rotated.
 Dense branches run through `kernels.segment_attention` (the Mosaic GPU kernel reading the store in
-place) on Hopper GPUs, cuDNN on other GPUs, XLA elsewhere (`default_dense_implementation`).
+place) on Hopper GPUs, and elsewhere through `kernels.masked_attention` on gathered slots: cuDNN on
+other GPUs, Pallas splash attention on TPUs, XLA otherwise (`default_dense_implementation`).
 """
 
 from __future__ import annotations
@@ -27,23 +28,33 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from kernels import dispatch
+from kernels.masked_attention import api as masked_api
 from kernels.segment_attention import api as segment_api
 from kernels.selection_attention import api as selection_api
 from omnimem_jax.config import MemoryConfig, ModelConfig
 from omnimem_jax.memory.select import select_blocks
-from omnimem_jax.memory.store import (LayerKV, assign_slot, check_layer, holds_chunks_through, layer_kv,
-                                      slot_of_chunk, write_chunk)
+from omnimem_jax.memory.store import (
+  LayerKV,
+  assign_slot,
+  check_layer,
+  holds_chunks_through,
+  layer_kv,
+  slot_of_chunk,
+  write_chunk,
+)
 
 GATE_ORDER = ("cmp", "slc", "swa")
 GATE_CLIP = 10.0
 
 
-DENSE_IMPLEMENTATIONS = ("xla", "cudnn", "mosaic_gpu")
+DENSE_IMPLEMENTATIONS = ("xla", "cudnn", "mosaic_gpu", "splash")
 
 
 def default_dense_implementation(dtype: jnp.dtype) -> str:
-  """For 16-bit inputs: the Mosaic GPU segment kernel on Hopper GPUs, cuDNN flash attention on other
-  GPUs; XLA otherwise (cuDNN has no f32 path)."""
+  """Pallas splash attention on TPUs. On GPUs, for 16-bit inputs: the Mosaic GPU segment kernel on
+  Hopper, cuDNN flash attention on others. XLA otherwise (cuDNN has no f32 path)."""
+  if jax.default_backend() == "tpu":
+    return "splash"
   if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
     return "xla"
   return "mosaic_gpu" if dispatch.platform_name() == "gpu_hopper" else "cudnn"
@@ -52,25 +63,6 @@ def default_dense_implementation(dtype: jnp.dtype) -> str:
 def cudnn_or_xla(dtype: jnp.dtype) -> str:
   """cuDNN flash attention for 16-bit inputs on GPUs, XLA otherwise (plain [b, n, h, d] attention)."""
   return "cudnn" if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
-
-
-def _masked_attention(q: Float[Array, "b n h d"], keys: Float[Array, "b h m d"], values: Float[Array, "b h m d"],
-                      key_mask: Bool[Array, " m"], implementation: str = "xla") -> Float[Array, "b n h d"]:
-  """Dense softmax attention of every query over the keys where key_mask holds (store layout keys).
-
-  "cudnn" passes the number of valid keys as `key_value_seq_lengths`, so the valid keys must come
-  first (callers order chunks or slots resident-first; softmax does not care about key order).
-  """
-  keys = keys.astype(q.dtype).transpose(0, 2, 1, 3)
-  values = values.astype(q.dtype).transpose(0, 2, 1, 3)
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  if implementation == "cudnn":
-    lengths = jnp.full((q.shape[0],), jnp.sum(key_mask, dtype=jnp.int32))
-    return jax.nn.dot_product_attention(q, keys, values, scale=scale, key_value_seq_lengths=lengths,
-                                        implementation="cudnn")
-  if implementation != "xla":
-    raise ValueError(f"unknown dense attention implementation {implementation!r}; known: {DENSE_IMPLEMENTATIONS}")
-  return jax.nn.dot_product_attention(q, keys, values, mask=key_mask[None, None, None, :], scale=scale)
 
 
 def _resident_first(ids: Int[Array, " n"], resident: Bool[Array, " n"]) -> tuple[Int[Array, " n"], Bool[Array, " n"]]:
@@ -203,8 +195,8 @@ def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[
     if out is not None:
       return out
     implementation = cudnn_or_xla(q.dtype)
-  keys, values, mask = _chunk_keys(layer, slot_chunk, chunk_index, chunk_ids, memory, implementation != "xla")
-  return _masked_attention(q, keys, values, mask, implementation)
+  keys, values, mask = _chunk_keys(layer, slot_chunk, chunk_index, chunk_ids, memory, implementation == "cudnn")
+  return masked_api.masked_attention(q, keys, values, mask, implementation=implementation)
 
 
 def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
@@ -220,8 +212,8 @@ def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk:
     if out is not None:
       return out
     implementation = cudnn_or_xla(q.dtype)
-  keys, values, mask = _compressed_keys(layer, slot_chunk, chunk_index, implementation != "xla")
-  return _masked_attention(q, keys, values, mask, implementation)
+  keys, values, mask = _compressed_keys(layer, slot_chunk, chunk_index, implementation == "cudnn")
+  return masked_api.masked_attention(q, keys, values, mask, implementation=implementation)
 
 
 def selection_branch(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
@@ -301,7 +293,7 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
     gate_logits: `x_sa @ Wg + bg` reshaped per head, order (cmp, slc, swa); omnimem mode only.
     config: geometry and memory configuration.
     implementation: selection-attention backend preference (default: per platform).
-    dense_implementation: "mosaic_gpu", "cudnn" or "xla" for the dense branches (default: see
+    dense_implementation: one of `DENSE_IMPLEMENTATIONS` for the dense branches (default: see
       `default_dense_implementation`).
     topk_implementation: "triton" (fused scoring + top-k kernel) or "xla" (default: per platform).
 
@@ -310,13 +302,15 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
   """
   view = layer if layer_index is None else layer_kv(layer, layer_index)
   _check_inputs(q, k, v, view, slot_chunk, chunk_index, gate_logits, config)
+  dense = default_dense_implementation(q.dtype) if dense_implementation is None else dense_implementation
+  if dense not in DENSE_IMPLEMENTATIONS:
+    raise ValueError(f"unknown dense_implementation {dense!r}; known: {DENSE_IMPLEMENTATIONS}")
   memory = config.memory
   chunk_index = jnp.asarray(chunk_index, jnp.int32)
   slot_chunk = assign_slot(slot_chunk, chunk_index, memory)
   layer = write_chunk(layer, k, v, chunk_index, config, layer_index)
   view = layer if layer_index is None else layer_kv(layer, layer_index)
   recent = attended_chunks(chunk_index, memory)
-  dense = default_dense_implementation(q.dtype) if dense_implementation is None else dense_implementation
   stacked = None if layer_index is None else layer
   layer_index = None if layer_index is None else jnp.asarray(layer_index, jnp.int32)
   o_swa = chunk_attention(q, view, slot_chunk, chunk_index, recent, memory, dense, stacked, layer_index)

@@ -1,5 +1,5 @@
 """Segment attention (the dense branches' kernel) against a float64 oracle, and the model's
-"mosaic_gpu" dense path against its XLA path through ring reuse and a rewound store.
+"mosaic_gpu" (and "splash") dense paths against its XLA path through ring reuse and a rewound store.
 
 On CPU the "mosaic_gpu" dense path runs the XLA segment reference, which checks the segment
 bookkeeping (slots, resident-first order, the compressed prefix or one segment per slot); on a
@@ -149,11 +149,16 @@ def _config(mode, capacity_chunks=6):
   return dataclasses.replace(tiny(mode=mode, local_attn_frames=6, capacity_chunks=capacity_chunks), dim=256)
 
 
+@pytest.mark.parametrize("dense", ["mosaic_gpu", "splash"])
 @pytest.mark.parametrize("mode", ["omnimem", "window", "sink_window", "dense"])
-def test_mosaic_dense_path_matches_xla_through_ring_reuse(mode):
-  """bf16 through the kernel on a GPU (f32 on CPU, exact bookkeeping) against the f32 XLA path on the
-  same (bf16-rounded) inputs. The selection branch's gate is clipped shut (weight 4.5e-5): bf16 and
-  f32 scores may pick different blocks, and the selection kernels are tested elsewhere."""
+def test_dense_path_matches_xla_through_ring_reuse(mode, dense):
+  """The segment kernel ("mosaic_gpu": bf16 on a GPU; on CPU f32 through the XLA segment reference,
+  exact bookkeeping) and splash ("splash": the TPU kernel, interpret mode on CPU) against the f32 XLA
+  path on the same (bf16-rounded) inputs. The selection branch's gate is clipped shut (weight
+  4.5e-5): bf16 and f32 scores may pick different blocks, and the selection kernels are tested
+  elsewhere."""
+  if dense == "splash" and jax.default_backend() not in ("cpu", "tpu"):
+    pytest.skip("splash is a TPU kernel (interpret mode on CPU)")
   config = _config(mode)
   dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
   tolerance = 1e-2 if dtype == jnp.bfloat16 else 1e-5
@@ -173,7 +178,7 @@ def test_mosaic_dense_path_matches_xla_through_ring_reuse(mode):
     with jax.default_matmul_precision("highest"):  # the f32 expectation without TF32 on GPUs
       expected, layers["f32"] = step(*(x.astype(jnp.float32) for x in qkv), layers["f32"], slot_chunk,
                                      jnp.int32(chunk), gates, dense="xla")
-    out, layers["tested"] = step(*qkv, layers["tested"], slot_chunk, jnp.int32(chunk), gates, dense="mosaic_gpu")
+    out, layers["tested"] = step(*qkv, layers["tested"], slot_chunk, jnp.int32(chunk), gates, dense=dense)
     slot_chunk = store.assign_slot(slot_chunk, chunk, config.memory)
     assert out.dtype == dtype
     assert relative_error(out, expected) < tolerance, chunk
