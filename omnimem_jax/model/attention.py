@@ -169,13 +169,14 @@ def _compressed_segments(layer: LayerKV, slot_chunk, chunk_index):
   return starts, jnp.where(prefix, jnp.minimum(count, 1), count), jnp.where(prefix, count, 1) * blocks_per_chunk
 
 
-def _segment_source(view: Float[Array, "b h ..."], stacked: Float[Array, "b h l ..."] | None,
-                    layer_index: Int[Array, ""] | None) -> tuple[Float[Array, "b h r d"], Int[Array, ""] | int]:
-  """Heads-major rows the segment kernel reads, and the row where `view`'s layer starts in them:
-  the stacked store of every layer when given (read in place: no copy of the layer), else `view`."""
+def _segment_source(view: tuple[jax.Array, jax.Array], stacked: tuple[jax.Array, jax.Array] | None,
+                    layer_index: Int[Array, ""] | None) -> tuple[jax.Array, jax.Array, Int[Array, ""] | int]:
+  """Heads-major key and value rows the segment kernel reads, and the row where the layer of `view`
+  (its keys and values) starts in them: the stacked store of every layer when given (read in place:
+  no copy of the layer), else `view` itself."""
   if stacked is None:
-    return _rows(view), 0
-  return _rows(stacked), layer_index * math.prod(view.shape[2:-1])
+    return _rows(view[0]), _rows(view[1]), 0
+  return _rows(stacked[0]), _rows(stacked[1]), layer_index * math.prod(view[0].shape[2:-1])
 
 
 def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
@@ -188,8 +189,8 @@ def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[
   reads the stacked store in place.
   """
   if implementation == "mosaic_gpu":
-    keys, offset = _segment_source(layer.k, None if stacked is None else stacked.k, layer_index)
-    values, _ = _segment_source(layer.v, None if stacked is None else stacked.v, layer_index)
+    keys, values, offset = _segment_source((layer.k, layer.v), None if stacked is None else (stacked.k, stacked.v),
+                                           layer_index)
     starts, count, length = _chunk_segments(layer, slot_chunk, chunk_index, chunk_ids, memory)
     out = _segment_attention(q, keys, values, starts + offset, count, length)
     if out is not None:
@@ -205,8 +206,9 @@ def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk:
   """Dense attention over the pooled K/V of every stored chunk 0..c (current chunk included); with
   `stacked`, read in place as in `chunk_attention`."""
   if implementation == "mosaic_gpu":
-    keys, offset = _segment_source(layer.k_pooled, None if stacked is None else stacked.k_pooled, layer_index)
-    values, _ = _segment_source(layer.v_pooled, None if stacked is None else stacked.v_pooled, layer_index)
+    keys, values, offset = _segment_source((layer.k_pooled, layer.v_pooled),
+                                           None if stacked is None else (stacked.k_pooled, stacked.v_pooled),
+                                           layer_index)
     starts, count, length = _compressed_segments(layer, slot_chunk, chunk_index)
     out = _segment_attention(q, keys, values, starts + offset, count, length)
     if out is not None:
