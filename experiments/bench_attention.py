@@ -13,7 +13,7 @@ Times are medians over `--reps` repetitions of `--inner` back-to-back calls (wal
 device-synchronised batches), with min / max as the spread.
 
   python experiments/bench_attention.py --out benchmarks/results/bench_attention_h100
-  python experiments/bench_attention.py --chunks 80 --sweep_chunks 80   # + Triton launch-parameter sweeps
+  python experiments/bench_attention.py --chunks 80 --sweep_chunks 80   # + Triton launch parameters, segment-kernel splits
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ _CHUNKS = flags.DEFINE_list("chunks", ["10", "40", "80", "160"], "Chunks of hist
 _REPS = flags.DEFINE_integer("reps", 7, "Repetitions (median and spread over these).", lower_bound=1)
 _INNER = flags.DEFINE_integer("inner", 10, "Back-to-back calls per repetition.", lower_bound=1)
 _OUT = flags.DEFINE_string("out", "benchmarks/results/bench_attention", "Output path prefix (.json, .png).")
-_SWEEP = flags.DEFINE_list("sweep_chunks", [], "Histories at which to also sweep the Triton kernels' launch parameters.")
+_SWEEP = flags.DEFINE_list("sweep_chunks", [], "Histories at which to also sweep the Triton kernels' launch "
+                           "parameters and the segment kernel's key splits.")
 _SKIP_XLA_ABOVE = flags.DEFINE_integer("skip_xla_above", 80, "Skip the all-XLA layer above this many chunks.")
 
 

@@ -50,8 +50,10 @@ def masked_attention(q: Float[Array, "b n h d"], keys: Float[Array, "b h m d"], 
   """Softmax attention of every query over the keys where `key_mask` holds (scale default 1/sqrt(d))."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown masked attention implementation {implementation!r}; known: {sorted(IMPLEMENTATIONS)}")
-  if keys.shape != values.shape or keys.ndim != 4 or key_mask.shape != (keys.shape[2],):
-    raise ValueError(f"keys and values must be [b, h, m, d] with key_mask [m], got {keys.shape}, {values.shape}, "
-                     f"{key_mask.shape}")
+  batch, _, heads, head_dim = q.shape
+  if (keys.shape != values.shape or keys.ndim != 4 or (keys.shape[0], keys.shape[1], keys.shape[3]) != (
+      batch, heads, head_dim) or key_mask.shape != (keys.shape[2],)):
+    raise ValueError(f"keys and values must be [{batch}, {heads}, m, {head_dim}] (batch, heads, head_dim as q) "
+                     f"with key_mask [m], got {keys.shape}, {values.shape}, {key_mask.shape}")
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   return IMPLEMENTATIONS[implementation](q, keys, values, key_mask, scale=scale)

@@ -59,3 +59,5 @@ def test_bad_inputs_raise_clear_errors():
     api.masked_attention(q, keys, values, key_mask, implementation="flash")
   with pytest.raises(ValueError, match=r"key_mask \[m\]"):
     api.masked_attention(q, keys, values, key_mask[:-1])
+  with pytest.raises(ValueError, match="head_dim as q"):
+    api.masked_attention(q, keys[:, :1], values[:, :1], key_mask)
