@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from kernels.block_topk import pallas_triton as block_topk_triton
-from kernels.segment_attention import pallas_mosaic_gpu as segment_mosaic_gpu
-from kernels.selection_attention import api as selection_api
-from kernels.selection_attention import pallas_triton
+from omnimem_kernels.block_topk import pallas_triton as block_topk_triton
+from omnimem_kernels.segment_attention import pallas_mosaic_gpu as segment_mosaic_gpu
+from omnimem_kernels.selection_attention import api as selection_api
+from omnimem_kernels.selection_attention import pallas_triton
 from omnimem_jax.config import ModelConfig
 from omnimem_jax.memory import select, store
 from omnimem_jax.model import attention

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int
 
+from omnimem_kernels.backends import Backends
 from omnimem_jax import checkpoints, sharding
 from omnimem_jax.config import SamplerConfig
 from omnimem_jax.memory.store import KVStore, init_store, slot_of_chunk
@@ -49,7 +50,7 @@ class SegmentOutput:
 
 def generate_chunk(model: CausalWanModel, store: KVStore, cross: CrossKV, key: jax.Array,
                    chunk_index: Int[Array, ""], sampler: SamplerConfig, batch_size: int, retrieval: bool,
-                   implementation: str | tuple[str, ...] | None = None) -> tuple[jax.Array, KVStore, jax.Array | None]:
+                   backends: Backends = Backends()) -> tuple[jax.Array, KVStore, jax.Array | None]:
   """One chunk: the denoising calls and the context pass (one traced model call, scanned)."""
   config = model.config
   shape = (batch_size, config.in_channels, config.memory.frames_per_chunk, config.latent_height, config.latent_width)
@@ -61,7 +62,7 @@ def generate_chunk(model: CausalWanModel, store: KVStore, cross: CrossKV, key: j
     x, x0_kept, store, _ = carry
     index, timestep, sigma, sigma_next, is_context = step
     outputs = model(x, jnp.full((batch_size,), timestep), cross, store, chunk_index, retrieval_histogram=retrieval,
-                    implementation=implementation)
+                    backends=backends)
     velocity, store = outputs[:2]
     histogram = outputs[2] if retrieval else carry[3]
     x0 = x - sigma * velocity
@@ -81,7 +82,7 @@ TRACES: collections.Counter[str] = collections.Counter()  # traces (compilations
 
 def rollout_segment(graphdef: nnx.GraphDef, params: nnx.State, store: KVStore, cross: CrossKV, key: jax.Array,
                     first_chunk: Int[Array, ""], *, sampler: SamplerConfig, batch_size: int, retrieval: bool,
-                    num_chunks: int, implementation: str | tuple[str, ...] | None = None
+                    num_chunks: int, backends: Backends = Backends()
                     ) -> tuple[jax.Array, KVStore, jax.Array | None]:
   """Chunks first_chunk .. first_chunk + num_chunks - 1 as one scan: (latents [B, C, 3n, H, W], store,
   retrieval histograms [n, L, capacity + 1] or None). `Rollout` jits it once per segment length."""
@@ -90,7 +91,7 @@ def rollout_segment(graphdef: nnx.GraphDef, params: nnx.State, store: KVStore, c
 
   def one_chunk(store, chunk_index):
     x0, store, histogram = generate_chunk(model, store, cross, key, chunk_index, sampler, batch_size, retrieval,
-                                          implementation)
+                                          backends)
     return store, (x0, histogram)
 
   chunks = first_chunk + jnp.arange(num_chunks, dtype=jnp.int32)
@@ -101,11 +102,11 @@ def rollout_segment(graphdef: nnx.GraphDef, params: nnx.State, store: KVStore, c
 
 def context_pass(graphdef: nnx.GraphDef, params: nnx.State, store: KVStore, cross: CrossKV, x0: jax.Array,
                  chunk_index: Int[Array, ""], *, context_timestep: float,
-                 implementation: str | tuple[str, ...] | None = None) -> KVStore:
+                 backends: Backends = Backends()) -> KVStore:
   """Rewrites chunk c's K/V from its clean latents under `cross` (a prompt switch's KV recache)."""
   TRACES["context_pass"] += 1
   timestep = jnp.full((x0.shape[0],), context_timestep, jnp.float32)
-  return nnx.merge(graphdef, params)(x0, timestep, cross, store, chunk_index, implementation=implementation)[1]
+  return nnx.merge(graphdef, params)(x0, timestep, cross, store, chunk_index, backends=backends)[1]
 
 
 class Rollout:
@@ -119,7 +120,7 @@ class Rollout:
 
   def __init__(self, model: CausalWanModel, sampler: SamplerConfig = SamplerConfig(), *, batch_size: int = 1,
                store_dtype: Any = jnp.bfloat16, retrieval: bool = False,
-               implementation: str | Sequence[str] | None = None, mesh: Mesh | None = None):
+               backends: Backends = Backends(), mesh: Mesh | None = None):
     """`mesh` (from `sharding.make_mesh`): place the model's parameters on it (in place) and shard the
     store by heads over "model" and the batch over "data"; default: the ("data", "model") mesh the
     model's parameters already live on, if any, else one device."""
@@ -127,7 +128,7 @@ class Rollout:
     if retrieval and model.config.memory.mode != "omnimem":
       raise ValueError(f"retrieval histograms exist in omnimem mode only, not {model.config.memory.mode}")
     self.retrieval = retrieval  # opt-in: it scores the selection once more in every model call
-    self.implementation = implementation if isinstance(implementation, str | None) else tuple(implementation)
+    self.backends = backends
     if mesh is not None:
       sharding.make_mesh(mesh.shape["data"], mesh.shape["model"], config=model.config, batch_size=batch_size,
                          devices=mesh.devices.flat)  # validates heads / batch divisibility
@@ -140,7 +141,7 @@ class Rollout:
     self._cross_sharding = None if self.mesh is None else CrossKV(*(sharding.named(self.mesh, sharding.CROSS_AXES),) * 2)
     self._segments: dict[int, Callable[..., Any]] = {}  # jitted rollout_segment per segment length
     context = functools.partial(context_pass, self._graphdef, context_timestep=sampler.context_timestep,
-                                implementation=self.implementation)
+                                backends=self.backends)
     self._context = jax.jit(context, donate_argnums=(1,), **self._shardings(for_segment=False))
 
   def cross_kv(self, text_embeddings: Float[Array, "b text text_dim"] | np.ndarray) -> CrossKV:
@@ -168,7 +169,7 @@ class Rollout:
     if num_chunks not in self._segments:
       segment = functools.partial(rollout_segment, self._graphdef, sampler=self.sampler, batch_size=self.batch_size,
                                   retrieval=self.retrieval, num_chunks=num_chunks,
-                                  implementation=self.implementation)
+                                  backends=self.backends)
       self._segments[num_chunks] = jax.jit(segment, donate_argnums=(1,), **self._shardings(for_segment=True))
     return self._segments[num_chunks]
 

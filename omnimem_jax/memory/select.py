@@ -8,11 +8,15 @@ exclusion), and the top_k of them become slot-major block ids, -1 where fewer ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from omnimem_kernels import block_topk
+from omnimem_kernels.block_topk import reference as block_topk_reference
 from omnimem_jax.config import ModelConfig
 from omnimem_jax.memory.store import holds_chunks_through
 
@@ -26,10 +30,12 @@ def group_mean_queries(q: Float[Array, "b h n d"], group_size: int) -> Float[Arr
 def block_scores(q: Float[Array, "b h n d"], k_pooled: Float[Array, "b h blocks d"],
                  group_size: int) -> Float[Array, "b h g blocks"]:
   """Query-shared logits qbar . kbar / sqrt(d) of every (group, head) for every stored block, fp32."""
-  group_queries = group_mean_queries(q, group_size)
-  scores = jnp.einsum("bhgd,bhjd->bhgj", group_queries, k_pooled.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
-  return scores / jnp.sqrt(jnp.float32(q.shape[-1]))
+  return block_topk_reference.block_scores(group_mean_queries(q, group_size), k_pooled, score_divisor(q.shape[-1]))
+
+
+def score_divisor(head_dim: int) -> float:
+  """sqrt(head_dim) as the float32 value both top-k backends divide by."""
+  return float(np.sqrt(np.float32(head_dim)))
 
 
 def candidate_blocks(slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Array, ""],
@@ -44,44 +50,21 @@ def candidate_blocks(slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Ar
   return jnp.repeat(slot_ok, config.blocks_per_chunk, total_repeat_length=slot_chunk.shape[0] * config.blocks_per_chunk)
 
 
-def default_topk_implementation() -> str:
-  """The Pallas Triton scoring + top-k kernels on GPUs (XLA's top_k sorts every row), else XLA."""
-  return "triton" if jax.default_backend() == "gpu" else "xla"
-
-
 def select_blocks(q: Float[Array, "b h n d"], k_pooled: Float[Array, "b h blocks d"],
                   slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Array, ""],
-                  config: ModelConfig, *, implementation: str | None = None,
+                  config: ModelConfig, *, implementation: str | Sequence[str] | None = None,
                   interpret: bool = False) -> Int[Array, "b h g k"]:
   """Top-k slot-major block ids per (group, head), best first; ties go to the lower id; -1 pads.
 
   `slot_chunk` must already record chunk c in its slot (see `store.assign_slot`).
-  `implementation`: "xla" (scores, then `lax.top_k`) or "triton" (the Pallas Triton kernels of
-  `kernels.block_topk`, falling back to XLA for shapes it refuses); default per platform.
-  `interpret` runs the kernel in interpret mode (CPU tests).
+  `implementation`: the `omnimem_kernels.block_topk` backend or preference list (default per
+  platform); `interpret` runs Pallas backends in interpret mode (CPU tests).
   """
   memory = config.memory
   candidates = candidate_blocks(slot_chunk, chunk_index, config)
-  implementation = default_topk_implementation() if implementation is None else implementation
-  if implementation == "triton":
-    from kernels.block_topk import pallas_triton
-    try:
-      return pallas_triton.block_top_k(group_mean_queries(q, memory.group_size), k_pooled, candidates,
-                                       top_k=memory.top_k, divisor=float(np.sqrt(np.float32(q.shape[-1]))),
-                                       interpret=interpret)
-    except NotImplementedError:
-      pass
-  elif implementation != "xla":
-    raise ValueError(f"unknown top-k implementation {implementation!r}; known: ('xla', 'triton')")
-  top_k = min(memory.top_k, k_pooled.shape[2])
-  scores = block_scores(q, k_pooled, memory.group_size)
-  scores = jnp.where(candidates, scores, -jnp.inf)
-  _, ids = jax.lax.top_k(scores, top_k)
-  ids = jnp.where(candidates[ids], ids, -1).astype(jnp.int32)
-  if top_k < memory.top_k:
-    pad = jnp.full((*ids.shape[:-1], memory.top_k - top_k), -1, jnp.int32)
-    ids = jnp.concatenate([ids, pad], axis=-1)
-  return ids
+  return block_topk.block_top_k(group_mean_queries(q, memory.group_size), k_pooled, candidates, top_k=memory.top_k,
+                                divisor=score_divisor(q.shape[-1]), implementation=implementation,
+                                interpret=interpret)
 
 
 def retrieval_distances(ids: Int[Array, "b h g k"], slot_chunk: Int[Array, " slots"],

@@ -13,8 +13,8 @@ it writes the chunk's post-RoPE K/V into the store, then
   dense:        dense over every stored chunk.
 
 Attention inside the current chunk is bidirectional in every branch. Keys are never re-rotated.
-Dense branches run through `kernels.segment_attention` (the Mosaic GPU kernel reading the store in
-place) on Hopper GPUs, and elsewhere through `kernels.masked_attention` on gathered slots: cuDNN on
+Dense branches run through `omnimem_kernels.segment_attention` (the Mosaic GPU kernel reading the store in
+place) on Hopper GPUs, and elsewhere through `omnimem_kernels.masked_attention` on gathered slots: cuDNN on
 other GPUs, Pallas splash attention on TPUs, XLA otherwise (`default_dense_implementation`).
 """
 
@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from kernels import dispatch
-from kernels.masked_attention import api as masked_api
-from kernels.segment_attention import api as segment_api
-from kernels.selection_attention import api as selection_api
+from omnimem_kernels import dispatch
+from omnimem_kernels.backends import Backends
+from omnimem_kernels.masked_attention import api as masked_api
+from omnimem_kernels.segment_attention import api as segment_api
+from omnimem_kernels.selection_attention import api as selection_api
 from omnimem_jax.config import MemoryConfig, ModelConfig
 from omnimem_jax.memory.select import select_blocks
 from omnimem_jax.memory.store import (
@@ -278,9 +279,7 @@ def _check_inputs(q, k, v, layer, slot_chunk, chunk_index, gate_logits, config: 
 def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"], v: Float[Array, "b n h d"],
                          layer: LayerKV, slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Array, ""],
                          gate_logits: Float[Array, "b n h 3"] | None, config: ModelConfig, *,
-                         implementation: str | Sequence[str] | None = None,
-                         dense_implementation: str | None = None,
-                         topk_implementation: str | None = None,
+                         backends: Backends = Backends(),
                          layer_index: int | Int[Array, ""] | None = None) -> tuple[Float[Array, "b n h d"], LayerKV]:
   """One layer's self-attention of chunk c over its history, in the mode of `config.memory`.
 
@@ -294,17 +293,15 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
     chunk_index: absolute chunk index c; may be traced, so a rollout compiles once.
     gate_logits: `x_sa @ Wg + bg` reshaped per head, order (cmp, slc, swa); omnimem mode only.
     config: geometry and memory configuration.
-    implementation: selection-attention backend preference (default: per platform).
-    dense_implementation: one of `DENSE_IMPLEMENTATIONS` for the dense branches (default: see
-      `default_dense_implementation`).
-    topk_implementation: "triton" (fused scoring + top-k kernel) or "xla" (default: per platform).
+    backends: the backend of each op (selection, top-k, dense); None fields: per platform.
 
   Returns:
     (attention output before the output projection, updated store: the layer's, or the stacked one).
   """
   view = layer if layer_index is None else layer_kv(layer, layer_index)
   _check_inputs(q, k, v, view, slot_chunk, chunk_index, gate_logits, config)
-  dense = default_dense_implementation(q.dtype) if dense_implementation is None else dense_implementation
+  implementation, topk_implementation = backends.selection, backends.topk
+  dense = default_dense_implementation(q.dtype) if backends.dense is None else backends.dense
   if dense not in DENSE_IMPLEMENTATIONS:
     raise ValueError(f"unknown dense_implementation {dense!r}; known: {DENSE_IMPLEMENTATIONS}")
   memory = config.memory

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from omnimem_kernels.backends import Backends
 from omnimem_jax import sharding
 from omnimem_jax.config import ModelConfig
 from omnimem_jax.memory import select
@@ -318,7 +319,7 @@ class CausalWanModel(nnx.Module):
 
   def __call__(self, latents: Float[Array, "b c f h w"], timestep: Float[Array, " b"], text: CrossKV | jax.Array,
                store: KVStore, chunk_index: int | Int[Array, ""], *,
-               implementation: str | Sequence[str] | None = None, retrieval_histogram: bool = False
+               backends: Backends = Backends(), retrieval_histogram: bool = False
                ) -> tuple[Float[Array, "b c f h w"], KVStore] | tuple[Float[Array, "b c f h w"], KVStore, jax.Array]:
     """Velocity of one chunk, and the store with this chunk's K/V written into its slot.
 
@@ -329,7 +330,7 @@ class CausalWanModel(nnx.Module):
       store: the KV store (`memory.store.init_store`), all layers; donate it under `jax.jit`.
       chunk_index: absolute chunk index c (traceable: one compilation for the whole rollout). Frames
         3c..3c+2 must lie in the RoPE table: check the rollout length up front (`rope.check_frames`).
-      implementation: selection-attention backend preference (default: per platform).
+      backends: the backend of each attention op (`omnimem_kernels.backends`); default per platform.
       retrieval_histogram: omnimem mode: also return, per layer, how many selected blocks lie 0, 1, ...,
         capacity_chunks chunks back ([num_layers, capacity_chunks + 1] int32; the selection is scored
         once more for it).
@@ -361,7 +362,7 @@ class CausalWanModel(nnx.Module):
       heads = q.shape[2]
       local = dataclasses.replace(c, dim=heads * c.head_dim, num_heads=heads)
       out, layers = chunk_self_attention(q, k, v, layers, table, chunk, gate_logits, local,
-                                         implementation=implementation, layer_index=index)
+                                         backends=backends, layer_index=index)
       if not retrieval_histogram:
         return out, layers, None
       ids = select.select_blocks(q.transpose(0, 2, 1, 3), layer_kv(layers, index).k_pooled, new_table, chunk, local)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 
-from kernels.selection_attention import api
+from omnimem_kernels.selection_attention import api
 
 
 def oracle(q, k_blocks, v_blocks, ids):

@@ -84,7 +84,7 @@ def test_gpu_kernel_matches_xla_at_the_real_shape():
 
 @pytest.mark.parametrize("integers", [False, True])  # integers: exact ties across tiles
 def test_many_tiles_match_lax_top_k(integers):
-  from kernels.block_topk import pallas_triton
+  from omnimem_kernels.block_topk import pallas_triton
 
   rng = np.random.default_rng(3)
   draw = (lambda shape: rng.integers(-2, 3, shape)) if integers else rng.standard_normal
@@ -100,7 +100,7 @@ def test_many_tiles_match_lax_top_k(integers):
 @pytest.mark.parametrize("integers", [False, True])  # integers: exact ties, also at the tile-maxima bound
 @pytest.mark.parametrize("candidate_fraction", [0.8, 0.02])  # 0.02: fewer than top_k candidates
 def test_many_tiles_prune_by_the_tile_maxima_bound(integers, candidate_fraction):
-  from kernels.block_topk import pallas_triton
+  from omnimem_kernels.block_topk import pallas_triton
 
   rng = np.random.default_rng(3)
   draw = (lambda shape: rng.integers(-2, 3, shape)) if integers else rng.standard_normal

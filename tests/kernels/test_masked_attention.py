@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.masked_attention import api, pallas_splash_tpu
+from omnimem_kernels.masked_attention import api, pallas_splash_tpu
 from tests.kernels.selection_attention_suite import relative_error
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.segment_attention import api, pallas_mosaic_gpu
+from omnimem_kernels.segment_attention import api, pallas_mosaic_gpu
 from omnimem_jax.memory import store
 from omnimem_jax.model import attention
 from tests.configs import tiny

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.selection_attention import api, pallas_mosaic_gpu
+from omnimem_kernels.selection_attention import api, pallas_mosaic_gpu
 from tests.kernels.selection_attention_suite import SHAPES, SelectionAttentionSuite, make_inputs, oracle, relative_error
 
 gpu = pytest.mark.gpu

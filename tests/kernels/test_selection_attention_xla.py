@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.selection_attention import api
+from omnimem_kernels.selection_attention import api
 from tests.kernels.selection_attention_suite import SHAPES, SelectionAttentionSuite, make_inputs, oracle
 
 

@@ -36,7 +36,7 @@ def _splash(q, keys, values, key_mask, *, scale):
   if backend not in ("tpu", "cpu"):
     raise ValueError(f"the splash dense attention is a TPU kernel (interpret mode on CPU), not for {backend}; use "
                      "'cudnn' or 'mosaic_gpu' on GPUs")
-  from kernels.masked_attention import pallas_splash_tpu
+  from omnimem_kernels.masked_attention import pallas_splash_tpu
   return pallas_splash_tpu.masked_attention(q, keys.astype(q.dtype), values.astype(q.dtype), key_mask, scale=scale,
                                             interpret=backend == "cpu")
 

@@ -1,7 +1,7 @@
 """Public entry point of selection attention, dispatching over backends by preference list.
 
 Backends are tried in order; one that cannot handle the request (wrong platform, shape or dtype)
-raises `NotImplementedError` and the next is tried (`kernels.dispatch`). Each Pallas backend module
+raises `NotImplementedError` and the next is tried (`omnimem_kernels.dispatch`). Each Pallas backend module
 is imported on first use, so a missing or broken backend never stops the others.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 from jax.experimental import checkify
 from jaxtyping import Array, Float, Int
 
-from kernels import dispatch
-from kernels.selection_attention import reference
+from omnimem_kernels import dispatch
+from omnimem_kernels.selection_attention import reference
 
 
 def _xla(q, k_blocks, v_blocks, ids, *, scale, interpret):
@@ -28,7 +28,7 @@ def _xla(q, k_blocks, v_blocks, ids, *, scale, interpret):
 def _triton(q, k_blocks, v_blocks, ids, *, scale, interpret):
   if not interpret and jax.default_backend() != "gpu":
     raise NotImplementedError("pallas triton runs on GPUs (or with interpret=True)")
-  from kernels.selection_attention import pallas_triton
+  from omnimem_kernels.selection_attention import pallas_triton
   return pallas_triton.selection_attention(q, k_blocks, v_blocks, ids, scale=scale, interpret=interpret)
 
 
@@ -37,12 +37,12 @@ def _mosaic_gpu(q, k_blocks, v_blocks, ids, *, scale, interpret):
     raise NotImplementedError("pallas mosaic_gpu has no CPU interpret mode here; its CPU twin is 'triton'")
   if jax.default_backend() != "gpu":
     raise NotImplementedError("pallas mosaic_gpu runs on NVIDIA Hopper GPUs")
-  from kernels.selection_attention import pallas_mosaic_gpu
+  from omnimem_kernels.selection_attention import pallas_mosaic_gpu
   return pallas_mosaic_gpu.selection_attention(q, k_blocks, v_blocks, ids, scale=scale)
 
 
 def _mosaic_tpu(q, k_blocks, v_blocks, ids, *, scale, interpret):
-  from kernels.selection_attention import pallas_mosaic_tpu
+  from omnimem_kernels.selection_attention import pallas_mosaic_tpu
   return pallas_mosaic_tpu.selection_attention(q, k_blocks, v_blocks, ids, scale=scale, interpret=interpret)
 
 

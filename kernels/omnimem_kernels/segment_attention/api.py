@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from kernels import dispatch
-from kernels.segment_attention import reference
+from omnimem_kernels import dispatch
+from omnimem_kernels.segment_attention import reference
 
 
 def _xla(q, keys, values, starts, count, length, *, scale):
@@ -26,7 +26,7 @@ def _xla(q, keys, values, starts, count, length, *, scale):
 def _mosaic_gpu(q, keys, values, starts, count, length, *, scale):
   if jax.default_backend() != "gpu":
     raise NotImplementedError("pallas mosaic_gpu runs on NVIDIA Hopper GPUs")
-  from kernels.segment_attention import pallas_mosaic_gpu
+  from omnimem_kernels.segment_attention import pallas_mosaic_gpu
   return pallas_mosaic_gpu.segment_attention(q, keys, values, starts, count, length, scale=scale)
 
 

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
+
+_RECORDS = threading.local()  # the open `recording()` dicts of this thread, innermost last
 
 
 def _is_hopper() -> bool:
@@ -31,7 +35,27 @@ def dispatch(op: str, implementations: Mapping[str, Callable], names: Sequence[s
   reasons = []
   for name in names:
     try:
-      return implementations[name](*args, **kwargs)
+      result = implementations[name](*args, **kwargs)
     except NotImplementedError as err:
       reasons.append(f"{name}: {err}")
+      continue
+    for record in getattr(_RECORDS, "stack", ()):
+      record.setdefault(op, set()).add(name)
+    return result
   raise NotImplementedError(f"no {op} implementation accepted these inputs: " + "; ".join(reasons))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, set[str]]]:
+  """Collects, per op, the backends `dispatch` ran while the context is open (in this thread).
+
+  Dispatch happens when a function is traced, so wrap the first call of a jitted function (or its
+  `.lower(...)`) to learn what its compiled program runs.
+  """
+  stack = _RECORDS.__dict__.setdefault("stack", [])
+  record: dict[str, set[str]] = {}
+  stack.append(record)
+  try:
+    yield record
+  finally:
+    stack.remove(record)

@@ -1,1 +1,0 @@
-"""Fused block scoring + top-k (query-shared selection) kernels."""
