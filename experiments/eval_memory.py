@@ -82,11 +82,11 @@ def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int) -> dict[s
   from omnimem_jax.memory.store import init_store  # noqa: PLC0415
   from omnimem_jax.rollout import Rollout, context_pass, rollout_segment  # noqa: PLC0415
 
-  record = checkpoints.read_metadata(path, "wan_dit")
-  config = ModelConfig.from_dict(record["config"])
+  record = checkpoints.read_record(path, checkpoints.Kind.DIT)
+  config = ModelConfig.from_dict(record.config)
   if config.memory.mode != mode:
     raise ValueError(f"{path} holds a {config.memory.mode} model, listed as {mode}")
-  world = synthetic.WorldConfig(**record["training"]["world"])
+  world = synthetic.WorldConfig(**record.training["world"])
   memory = dataclasses.replace(config.memory, capacity_chunks=num_chunks)
   model = wan_dit.restore_model(path, memory=memory, dtype=jnp.float32)
   frames_per_chunk = memory.frames_per_chunk
@@ -138,7 +138,7 @@ def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int) -> dict[s
       recalls.append(np.asarray(stats["recall"]))
   result = {
       "checkpoint": str(path), "config": config.to_dict(), "world": dataclasses.asdict(world),
-      "training_steps": record["training"].get("steps"), "training_seconds": record["training"].get("train_seconds"),
+      "training_steps": record.training.get("steps"), "training_seconds": record.training.get("train_seconds"),
       "window_frames": window_frames, "seconds_per_video": float(np.mean(timings)),
       "prefix": evaluation.summarise(prefix_scores, min_distance=window_frames + 1),
       "free": evaluation.summarise(free_scores, min_distance=window_frames + 1),
@@ -195,7 +195,7 @@ def main(argv: Sequence[str]) -> None:
   from omnimem_jax import checkpoints as ckpt  # noqa: PLC0415
   from omnimem_jax.data import synthetic  # noqa: PLC0415
 
-  worlds = {mode: ckpt.read_metadata(path, "wan_dit")["training"]["world"] for mode, path in checkpoints.items()}
+  worlds = {mode: ckpt.read_record(path, ckpt.Kind.DIT).training["world"] for mode, path in checkpoints.items()}
   period_chunks = synthetic.WorldConfig(**next(iter(worlds.values()))).period_chunks
   prefix = int(period_chunks) if _PREFIX.value is None else _PREFIX.value
   if not 1 <= prefix < _NUM_CHUNKS.value:

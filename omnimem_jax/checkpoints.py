@@ -10,10 +10,11 @@ Orbax place each array straight onto its devices.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,72 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from omnimem_jax import sharding
+from omnimem_jax import io, sharding
 
 METADATA_FILE = "omnimem.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
+
+
+class Kind(enum.StrEnum):
+  """What a checkpoint holds (the `kind` field of its record)."""
+
+  DIT = "wan_dit"  # the causal Wan DiT (`omnimem_jax.convert.wan_dit`, training export)
+  VAE = "wan_vae"  # the Wan 2.1 VAE (`omnimem_jax.convert.wan_vae`)
+  TEXT_ENCODER = "umt5_encoder"  # the umT5-XXL text encoder (`omnimem_jax.convert.umt5`)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRecord:
+  """The JSON record (`omnimem.json`) beside a checkpoint's parameters.
+
+  Attributes:
+    kind: what the parameters are.
+    config: the architecture's `to_dict()` (ModelConfig, VAEConfig or TextEncoderConfig).
+    source: where the weights came from (a file name, or "omnimem_jax.training ...").
+    layout: the source state dict's key layout, for converted checkpoints.
+    param_dtype: the stored parameter dtype (DiT).
+    has_gates: whether the parameters include the OmniMem gate projections (DiT).
+    gates_initialised: whether those gates were freshly initialised, not trained (DiT).
+    lora: how a LoRA was merged, if one was (DiT).
+    training: the training run's config and step count, for exported models.
+    format_version: the record's format.
+  """
+
+  kind: Kind
+  config: dict[str, Any]
+  source: str | None = None
+  layout: str | None = None
+  param_dtype: str | None = None
+  has_gates: bool | None = None
+  gates_initialised: bool | None = None
+  lora: dict[str, Any] | None = None
+  training: dict[str, Any] | None = None
+  format_version: int = FORMAT_VERSION
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, "kind", Kind(self.kind))
+    if not isinstance(self.config, dict):
+      raise ValueError(f"a checkpoint record's config must be a dict, got {type(self.config).__name__}")
+
+  def to_json(self) -> dict[str, Any]:
+    return {name: value for name, value in dataclasses.asdict(self).items() if value is not None} | {
+        "kind": self.kind.value}
+
+  @classmethod
+  def from_json(cls, record: Mapping[str, Any], where: str = "checkpoint record") -> CheckpointRecord:
+    """Parses a record, refusing unknown fields and unknown kinds with a clear error."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    record = dict(record)
+    if "source_layout" in record and "layout" not in record:  # records written before format 1's dataclass
+      record["layout"] = record.pop("source_layout")
+    unknown = sorted(set(record) - names)
+    if unknown or "kind" not in record or "config" not in record:
+      raise ValueError(f"{where}: expected fields {sorted(names)} with 'kind' and 'config' present, got unknown "
+                       f"{unknown} / missing {sorted({'kind', 'config'} - set(record))}")
+    if record["kind"] not in {kind.value for kind in Kind}:
+      raise ValueError(f"{where}: unknown kind {record['kind']!r}; known: {[kind.value for kind in Kind]}")
+    return cls(**record)
 
 
 def check_conversion_paths(inputs: list[str | os.PathLike | None], output: str | os.PathLike, *,
@@ -40,26 +102,24 @@ def check_conversion_paths(inputs: list[str | os.PathLike | None], output: str |
     raise FileExistsError(f"{output} already exists; choose another output path or pass overwrite=True (--overwrite)")
 
 
-def save_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any], metadata: Mapping[str, Any], *,
+def save_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any], record: CheckpointRecord, *,
                     overwrite: bool = False) -> Path:
-  """Writes `params` (a nested dict of arrays, e.g. `nnx.to_pure_dict(state)`) and JSON `metadata`.
+  """Writes `params` (a nested dict of arrays, e.g. `nnx.to_pure_dict(state)`) and its `record`.
 
-  `metadata` must hold a "kind" (e.g. "wan_dit") and a "config" dict. An existing `directory` is
-  replaced only with `overwrite=True`, and only once the new checkpoint is complete.
+  An existing `directory` is replaced only with `overwrite=True`, and only once the new checkpoint
+  is complete.
   """
   directory = Path(directory).absolute()
-  if "kind" not in metadata or "config" not in metadata:
-    raise ValueError(f"checkpoint metadata needs 'kind' and 'config' entries, got {sorted(metadata)}")
+  if not isinstance(record, CheckpointRecord):
+    raise TypeError(f"record must be a CheckpointRecord, got {type(record).__name__}")
   if directory.exists() and not overwrite:
     raise FileExistsError(f"{directory} already exists; choose another output path or pass overwrite=True "
                           "(--overwrite)")
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+  staging = io.temporary_directory_beside(directory)
   try:
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:  # synchronous: done when it returns
       checkpointer.save(staging / PARAMS_DIR, args=ocp.args.StandardSave(dict(params)))
-    record = {"format_version": FORMAT_VERSION, **metadata}
-    (staging / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (staging / METADATA_FILE).write_text(json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n")
     if directory.exists():
       retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
       directory.rename(retired)
@@ -73,16 +133,22 @@ def save_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any], met
   return directory
 
 
-def read_metadata(directory: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
-  """The JSON record of a checkpoint; with `kind`, refuses a checkpoint of another kind."""
+def read_record(directory: str | os.PathLike, kind: Kind | None = None) -> CheckpointRecord:
+  """The record of a checkpoint; with `kind`, refuses a checkpoint of another kind."""
   directory = Path(directory)
   path = directory / METADATA_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{directory} is not an OmniMem-JAX checkpoint (no {METADATA_FILE}); convert "
                             "PyTorch weights first with experiments/convert_checkpoint.py")
-  record = json.loads(path.read_text())
-  if kind is not None and record.get("kind") != kind:
-    raise ValueError(f"{directory} holds a {record.get('kind')!r} checkpoint, expected {kind!r}")
+  try:
+    fields = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ValueError(f"{path} is not valid JSON ({err})") from None
+  if not isinstance(fields, dict):
+    raise ValueError(f"{path} must hold a JSON object")
+  record = CheckpointRecord.from_json(fields, where=str(path))
+  if kind is not None and record.kind != kind:
+    raise ValueError(f"{directory} holds a {record.kind.value!r} checkpoint, expected {Kind(kind).value!r}")
   return record
 
 

@@ -187,11 +187,11 @@ def _existing_dir(path: str, flag: str) -> Path:
   return directory
 
 
-def _metadata(path: str, flag: str, kind: str) -> tuple[Path, dict[str, Any]]:
+def _metadata(path: str, flag: str, kind: checkpoints.Kind) -> tuple[Path, checkpoints.CheckpointRecord]:
   """A converted checkpoint's JSON record, refusing a missing directory or one of another kind."""
   directory = _existing_dir(path, flag)
   try:
-    return directory, checkpoints.read_metadata(directory, kind)
+    return directory, checkpoints.read_record(directory, kind)
   except (OSError, ValueError) as err:
     raise GenerateError(f"{flag}: {err}") from err
 
@@ -220,14 +220,14 @@ def _architecture(config: ModelConfig) -> dict[str, Any]:
   return fields
 
 
-def _base_config(options: GenerateOptions, checkpoint: Path | None, record: dict[str, Any] | None) -> ModelConfig:
+def _base_config(options: GenerateOptions, checkpoint: Path | None, record: checkpoints.CheckpointRecord | None) -> ModelConfig:
   """The checkpoint's config (refusing a different --preset), or the preset's for random weights."""
   if options.preset is not None and options.preset not in PRESETS:
     _fail(f"--preset={options.preset} is unknown; choose one of {sorted(PRESETS)}")
   if record is None:
     return PRESETS[options.preset or DEFAULT_PRESET]
   try:
-    config = ModelConfig.from_dict(record["config"])
+    config = ModelConfig.from_dict(record.config)
   except (KeyError, TypeError, ValueError) as err:
     raise GenerateError(f"--checkpoint={checkpoint} holds an unreadable model config: {err}") from err
   if options.preset is not None:
@@ -373,21 +373,21 @@ def plan(options: GenerateOptions) -> Plan:
   # Checkpoints: metadata only.
   checkpoint = record = None
   if paths["checkpoint"] is not None:
-    checkpoint, record = _metadata(paths["checkpoint"], "--checkpoint", "wan_dit")
+    checkpoint, record = _metadata(paths["checkpoint"], "--checkpoint", checkpoints.Kind.DIT)
   base = _base_config(options, checkpoint, record)
   requested_frames, num_chunks = _length(options, base)
   config = _with_memory_flags(options, base, num_chunks)
-  if (record is not None and config.memory.mode == "omnimem" and not record.get("has_gates")
+  if (record is not None and config.memory.mode == "omnimem" and not record.has_gates
       and not options.init_missing_gates):
     _fail(f"--checkpoint={paths['checkpoint']} has no OmniMem gates (converted for "
-          f"{record['config']['memory']['mode']} mode): pass --attention={record['config']['memory']['mode']}, or "
+          f"{record.config['memory']['mode']} mode): pass --attention={record.config['memory']['mode']}, or "
           "--init_missing_gates to start omnimem mode from untrained gates")
 
   vae, pixel_scale = None, 8
   if paths["vae"] is not None:
-    vae, vae_record = _metadata(paths["vae"], "--vae", "wan_vae")
+    vae, vae_record = _metadata(paths["vae"], "--vae", checkpoints.Kind.VAE)
     try:
-      vae_config = VAEConfig.from_dict(vae_record["config"])
+      vae_config = VAEConfig.from_dict(vae_record.config)
     except (KeyError, TypeError, ValueError) as err:
       raise GenerateError(f"--vae={paths['vae']} holds an unreadable VAE config: {err}") from err
     if vae_config.z_dim != config.out_channels:
@@ -395,8 +395,8 @@ def plan(options: GenerateOptions) -> Plan:
     pixel_scale = vae_config.spatial_compression
   text_encoder = tokenizer = None
   if wants_text:
-    text_encoder, text_record = _metadata(paths["text_encoder"], "--text_encoder", "umt5_encoder")
-    text_dim, text_len = text_record["config"].get("dim"), text_record["config"].get("text_len")
+    text_encoder, text_record = _metadata(paths["text_encoder"], "--text_encoder", checkpoints.Kind.TEXT_ENCODER)
+    text_dim, text_len = text_record.config.get("dim"), text_record.config.get("text_len")
     if text_dim != config.text_dim or text_len is None or text_len > config.text_len:
       _fail(f"--text_encoder={paths['text_encoder']} gives [{text_len}, {text_dim}] embeddings; the DiT takes "
             f"up to {config.text_len} tokens of width {config.text_dim}")

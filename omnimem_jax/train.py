@@ -64,7 +64,6 @@ from omnimem_jax.model.attention import gate_branches
 from omnimem_jax.model.layout import from_block_order, to_block_order
 from omnimem_jax.model.wan import CausalWanModel, layer_norm, timestep_sinusoid
 
-CHECKPOINT_KIND = "wan_dit"  # what omnimem_jax.convert.wan_dit.restore_model (and generate.py) read
 
 
 def demo_model_config(mode: str = "omnimem", num_chunks: int = 12, **overrides: Any) -> ModelConfig:
@@ -544,8 +543,8 @@ class Trainer:
     `experiments/generate.py --checkpoint=...` read."""
     params = jax.device_get(nnx.to_pure_dict(self.state.ema if ema else self.state.params))
     config = self.config.model
-    metadata = {"kind": CHECKPOINT_KIND, "config": config.to_dict(), "param_dtype": "float32",
-                "has_gates": config.memory.mode == "omnimem", "source": "omnimem_jax.train (synthetic world)",
-                "lora": None, "training": {"steps": self.step_count, "ema": ema, **self.config.to_dict(),
-                                           **(notes or {})}}
-    return checkpoints.save_checkpoint(directory, params, metadata, overwrite=overwrite)
+    record = checkpoints.CheckpointRecord(
+        kind=checkpoints.Kind.DIT, config=config.to_dict(), param_dtype="float32",
+        has_gates=config.memory.mode == "omnimem", source="omnimem_jax.train (synthetic world)",
+        training={"steps": self.step_count, "ema": ema, **self.config.to_dict(), **(notes or {})})
+    return checkpoints.save_checkpoint(directory, params, record, overwrite=overwrite)

@@ -32,7 +32,7 @@ from omnimem_jax import checkpoints
 from omnimem_jax.convert.state_dict import check_names_and_shapes, linear_kernel, load_state_dict
 from omnimem_jax.model.text import TextEncoderConfig, UMT5Encoder
 
-CHECKPOINT_KIND = "umt5_encoder"
+CHECKPOINT_KIND = checkpoints.Kind.TEXT_ENCODER
 
 # per-layer name (HF suffix after `encoder.block.{i}.`, Wan suffix after `blocks.{i}.`) -> UMT5Layers field
 _HF_LAYER = {"layer.0.layer_norm.weight": "attn_norm", "layer.0.SelfAttention.q.weight": "q",
@@ -134,16 +134,17 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
   state = load_state_dict(checkpoint)
   layout = detect_layout(state)
   params = text_encoder_params(state, config)
-  metadata = {"kind": CHECKPOINT_KIND, "config": config.to_dict(), "layout": layout, "source": Path(checkpoint).name}
-  return checkpoints.save_checkpoint(output, params, metadata, overwrite=overwrite)
+  record = checkpoints.CheckpointRecord(kind=CHECKPOINT_KIND, config=config.to_dict(), layout=layout,
+                                       source=Path(checkpoint).name)
+  return checkpoints.save_checkpoint(output, params, record, overwrite=overwrite)
 
 
 def restore_text_encoder(directory: str | os.PathLike, *, dtype: str | None = None,
                          mesh: jax.sharding.Mesh | None = None) -> UMT5Encoder:
   """A `UMT5Encoder` restored from `convert_checkpoint` output; `dtype` overrides the activation
   dtype; `mesh` shards the parameters by their logical axis names (heads, mlp on "model")."""
-  record = checkpoints.read_metadata(directory, CHECKPOINT_KIND)
-  config = TextEncoderConfig.from_dict(record["config"])
+  record = checkpoints.read_record(directory, CHECKPOINT_KIND)
+  config = TextEncoderConfig.from_dict(record.config)
   if dtype is not None:
     config = dataclasses.replace(config, dtype=dtype)
   return checkpoints.restore_module(directory, lambda: UMT5Encoder(config, rngs=nnx.Rngs(0)), mesh=mesh)

@@ -29,7 +29,7 @@ from omnimem_jax.convert import state_dict as sd
 from omnimem_jax.model.wan import CausalWanModel, initial_gate_params
 
 _LOG = logging.getLogger(__name__)
-CHECKPOINT_KIND = "wan_dit"
+CHECKPOINT_KIND = checkpoints.Kind.DIT
 GATE_WARNING = ("OmniMem gates were freshly initialised (all gates ~0.5): this checkpoint was not trained with "
                 "OmniMem, so omnimem-mode output is NOT meaningful until the gates are trained. Use window / "
                 "sink_window / dense mode for this checkpoint, or an OmniMem-trained checkpoint.")
@@ -163,7 +163,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig, *, 
       (the output is not meaningful until the gates are trained; a warning says so).
     seed: PRNG seed of initialised gates.
   """
-  notes: dict[str, Any] = {"source_layout": detect_layout(state), "gates_initialised": False}
+  notes: dict[str, Any] = {"layout": detect_layout(state), "gates_initialised": False}
   state = to_original_names(state)
   wants_gates = config.memory.mode == "omnimem"
   if has_gates(state) and not wants_gates:
@@ -213,10 +213,11 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
     state.update(sd.load_state_dict(lora))
   state = sd.merge_lora(state, lora_scale)
   params, notes = convert_state_dict(state, config, dtype=dtype, init_gates=init_gates)
-  metadata = {"kind": CHECKPOINT_KIND, "config": config.to_dict(), "param_dtype": jnp.dtype(dtype).name,
-              "has_gates": config.memory.mode == "omnimem", "source": Path(checkpoint).name,
-              "lora": None if lora is None else Path(lora).name, **notes}
-  return checkpoints.save_checkpoint(output, params, metadata, overwrite=overwrite)
+  record = checkpoints.CheckpointRecord(
+      kind=CHECKPOINT_KIND, config=config.to_dict(), param_dtype=jnp.dtype(dtype).name,
+      has_gates=config.memory.mode == "omnimem", source=Path(checkpoint).name,
+      lora=None if lora is None else {"file": Path(lora).name, "scale": lora_scale}, **notes)
+  return checkpoints.save_checkpoint(output, params, record, overwrite=overwrite)
 
 
 def restore_model(directory: str | os.PathLike, *, memory: MemoryConfig | None = None, mesh: jax.sharding.Mesh | None = None,
@@ -231,16 +232,16 @@ def restore_model(directory: str | os.PathLike, *, memory: MemoryConfig | None =
     dtype: compute dtype; param_dtype: parameter dtype (default: as saved).
     init_missing_gates: allow omnimem mode on a checkpoint without gates (see `convert_state_dict`).
   """
-  record = checkpoints.read_metadata(directory, CHECKPOINT_KIND)
-  config = ModelConfig.from_dict(record["config"])
+  record = checkpoints.read_record(directory, CHECKPOINT_KIND)
+  config = ModelConfig.from_dict(record.config)
   if memory is not None:
     config = dataclasses.replace(config, memory=memory)
-  param_dtype = record["param_dtype"] if param_dtype is None else param_dtype
-  wants_gates, saved_gates = config.memory.mode == "omnimem", record["has_gates"]
-  if wants_gates and record.get("gates_initialised"):
+  param_dtype = record.param_dtype if param_dtype is None else param_dtype
+  wants_gates, saved_gates = config.memory.mode == "omnimem", bool(record.has_gates)
+  if wants_gates and record.gates_initialised:
     _LOG.warning(GATE_WARNING)
   if wants_gates and not saved_gates and not init_missing_gates:
-    raise ValueError(f"{directory} has no OmniMem gates (converted for {record['config']['memory']['mode']} mode); "
+    raise ValueError(f"{directory} has no OmniMem gates (converted for {record.config['memory']['mode']} mode); "
                      "run it in that mode, or pass init_missing_gates=True to start from untrained gates")
   if wants_gates and not saved_gates:
     _LOG.warning(GATE_WARNING)

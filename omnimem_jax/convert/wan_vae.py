@@ -33,7 +33,7 @@ from omnimem_jax.convert.state_dict import (StateDict, check_names_and_shapes, c
                                             load_state_dict, nest)
 from omnimem_jax.model.vae import VAEConfig, WanVAE
 
-CHECKPOINT_KIND = "wan_vae"
+CHECKPOINT_KIND = checkpoints.Kind.VAE
 
 _ORIGINAL_RESIDUAL = {"residual.0.gamma": "norm1.gamma", "residual.2.weight": "conv1.weight",
                       "residual.2.bias": "conv1.bias", "residual.3.gamma": "norm2.gamma",
@@ -153,16 +153,17 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
   state = load_state_dict(checkpoint)
   layout = detect_layout(state)
   params = vae_params(state, config)
-  metadata = {"kind": CHECKPOINT_KIND, "config": config.to_dict(), "layout": layout, "source": Path(checkpoint).name}
-  return checkpoints.save_checkpoint(output, params, metadata, overwrite=overwrite)
+  record = checkpoints.CheckpointRecord(kind=CHECKPOINT_KIND, config=config.to_dict(), layout=layout,
+                                       source=Path(checkpoint).name)
+  return checkpoints.save_checkpoint(output, params, record, overwrite=overwrite)
 
 
 def restore_vae(directory: str | os.PathLike, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None
                 ) -> WanVAE:
   """A `WanVAE` restored from `convert_checkpoint` output; `dtype` overrides the activation dtype
   (e.g. "bfloat16" for a faster decode), `mesh` places the (replicated) parameters."""
-  record = checkpoints.read_metadata(directory, CHECKPOINT_KIND)
-  config = VAEConfig.from_dict(record["config"])
+  record = checkpoints.read_record(directory, CHECKPOINT_KIND)
+  config = VAEConfig.from_dict(record.config)
   if dtype is not None:
     config = dataclasses.replace(config, dtype=dtype)
   return checkpoints.restore_module(directory, lambda: WanVAE(config, rngs=nnx.Rngs(0)), mesh=mesh)
