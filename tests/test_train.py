@@ -5,6 +5,7 @@ from a checkpoint continues bit-for-bit, and the synthetic world is deterministi
 schedule it promises."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -16,7 +17,7 @@ from flax import nnx
 from omnimem_jax import training
 from omnimem_jax.data import synthetic
 from omnimem_jax.memory.store import init_store
-from omnimem_jax.model.wan import CausalWanModel
+from omnimem_jax.model.wan import CausalWanModel, masked_dense_attention
 from omnimem_kernels.backends import Backends
 from tests.configs import tiny
 from tests.fixtures import make_teacher_forcing_golden as golden
@@ -79,6 +80,39 @@ def test_teacher_forcing_matches_golden_outputs(mode):
     assert velocity.shape == expected.shape
     assert relative_error(velocity, expected) < 1e-5, (mode, own, relative_error(velocity, expected))
     assert stats["recall"].shape == (model.config.num_layers,)
+
+
+def test_forward_sequence_timesteps_per_chunk_positions_and_output_frames():
+  """The model forward training uses: a timestep per chunk equal across chunks equals one per video; the
+  output from a frame on is the tail of the full output; RoPE positions given explicitly are used (a
+  common shift leaves all-visible attention unchanged, a permutation does not); bad arguments fail."""
+  config = tiny(mode="dense")
+  model = CausalWanModel(config, rngs=nnx.Rngs(4))
+  rng = np.random.default_rng(12)
+  frames = 3 * config.memory.frames_per_chunk
+  latents = jnp.asarray(rng.standard_normal((2, config.in_channels, frames, config.latent_height,
+                                             config.latent_width), dtype=np.float32))
+  text = jnp.asarray(rng.standard_normal((2, config.text_len, config.text_dim), dtype=np.float32))
+  timestep = jnp.asarray(rng.uniform(0, 1000, 2).astype(np.float32))
+  attention = masked_dense_attention(jnp.ones((frames * config.tokens_per_frame,) * 2, bool))
+  forward = functools.partial(model.forward_sequence, latents, text=text, attention=attention)
+  full, _ = forward(timestep)
+  per_chunk, _ = forward(jnp.repeat(timestep[:, None], 3, axis=1))
+  np.testing.assert_allclose(per_chunk, full, rtol=1e-5, atol=1e-5)
+  tail, _ = forward(jnp.repeat(timestep[:, None], 3, axis=1), first_output_frame=3)
+  np.testing.assert_allclose(tail, full[:, :, 3:], rtol=1e-5, atol=1e-5)
+  shifted, _ = forward(timestep, frame_positions=np.arange(frames) + 7)
+  assert relative_error(shifted, full) < 1e-4
+  permuted, _ = forward(timestep, frame_positions=rng.permutation(frames))
+  assert relative_error(permuted, full) > 1e-3
+  with pytest.raises(ValueError, match="first_output_frame must"):
+    forward(jnp.repeat(timestep[:, None], 3, axis=1), first_output_frame=4)
+  with pytest.raises(ValueError, match="frame_positions must be"):
+    forward(timestep, frame_positions=np.arange(frames - 1))
+  with pytest.raises(ValueError, match="beyond the RoPE table"):
+    forward(timestep, frame_positions=np.arange(frames) + config.rope_max_frames)
+  with pytest.raises(ValueError, match="timestep must be"):
+    forward(jnp.zeros((2, 2)))
 
 
 def test_teacher_forcing_equals_rollout_with_gradients_into_every_branch():

@@ -338,8 +338,8 @@ class CausalWanModel(nnx.Module):
 
   def _unembed(self, x: Float[Array, "b n dim"], e: Float[Array, "b s dim"], frames: int
                ) -> Float[Array, "b c f h w"]:
-    """Head (2-row modulation with e, not e0; per chunk as in the blocks) and unpatchify back to
-    [B, C, F, H, W], float32."""
+    """Head (2-row modulation with e, not e0; per chunk as in the blocks) and unpatchify of the tokens of
+    `frames` frames back to [B, C, F, H, W], float32."""
     c = self.config
     shift, scale = jnp.unstack(self.head_modulation[...].astype(jnp.float32)[None, None] + e[:, :, None], axis=2)
     y = self.head(modulate(x, shift, scale, c.eps).astype(self.dtype))
@@ -465,6 +465,10 @@ class CausalWanModel(nnx.Module):
     frames = latents.shape[2]
     cross = self._cross(text, latents.shape[0])
     x, e, e0 = self._embed(latents, timestep)
+    chunk_frames = frames // e.shape[1]
+    if not 0 <= first_output_frame < frames or (e.shape[1] > 1 and first_output_frame % chunk_frames):
+      raise ValueError(f"first_output_frame must lie in [0, {frames}) and, with a timestep per chunk, start a chunk "
+                       f"({chunk_frames} frames each), got {first_output_frame}")
     cos, sin = self._sequence_rope(frames, frame_positions)
 
     def attend(q, k, v, gate_logits, store_and_index):
@@ -472,10 +476,6 @@ class CausalWanModel(nnx.Module):
       return out, (store_and_index[0], extra)
 
     x, _, extras = self._run_blocks(x, e0, cos, sin, cross, attend, None)
-    chunk_frames = frames // e.shape[1]
-    if not 0 <= first_output_frame < frames or (e.shape[1] > 1 and first_output_frame % chunk_frames):
-      raise ValueError(f"first_output_frame must lie in [0, {frames}) and start a chunk of {chunk_frames} frames, "
-                       f"got {first_output_frame}")
     x = x[:, first_output_frame * c.tokens_per_frame:]
     return self._unembed(x, e[:, first_output_frame // chunk_frames:], frames - first_output_frame), extras
 
