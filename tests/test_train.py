@@ -124,7 +124,7 @@ def test_teacher_forcing_equals_rollout_with_gradients_into_every_branch():
 
   def tf_loss(params):
     velocity, _ = training.teacher_forcing_forward(nnx.merge(graphdef, params), batch["latents"], noisy, timesteps,
-                                                batch["text"], select_own_noisy_chunk=False)
+                                                   batch["text"], select_own_noisy_chunk=False)
     return jnp.mean(jnp.square(velocity - target)), velocity
 
   def rollout_loss(params):
