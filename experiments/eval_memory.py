@@ -75,7 +75,7 @@ def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int) -> dict[s
   import numpy as np  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
-  from omnimem_jax import checkpoints, evaluation, train  # noqa: PLC0415
+  from omnimem_jax import checkpoints, evaluation, training as train  # noqa: PLC0415
   from omnimem_jax.config import ModelConfig, SamplerConfig  # noqa: PLC0415
   from omnimem_jax.convert import wan_dit  # noqa: PLC0415
   from omnimem_jax.data import synthetic  # noqa: PLC0415

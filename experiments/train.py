@@ -1,5 +1,5 @@
 r"""Teacher-forcing training of a small causal DiT on the synthetic orbiting-camera world (logic:
-omnimem_jax/train.py). Re-running the same command resumes from the latest checkpoint in --run_dir.
+omnimem_jax/training/). Re-running the same command resumes from the latest checkpoint in --run_dir.
 
   python experiments/train.py --mode=omnimem --run_dir=runs/omnimem --steps=3000 \
       --export=assets/demo_checkpoint            # the committed demo checkpoint was made like this
@@ -13,7 +13,6 @@ experiments/generate.py (--checkpoint) and experiments/eval_memory.py read. Bad 
 """
 
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -70,23 +69,23 @@ def main(argv: Sequence[str]) -> None:
     _error(f"unexpected arguments {argv[1:]}")
   _validate()
   logging.set_verbosity(logging.WARNING)  # keep Orbax INFO lines out of the loss log
-  from omnimem_jax import train  # noqa: PLC0415 (heavy imports after the flags are known to be good)
+  from omnimem_jax import io, training  # noqa: PLC0415 (heavy imports after the flags are known to be good)
   from omnimem_jax.data import synthetic  # noqa: PLC0415
 
   try:
     world = synthetic.WorldConfig(world_width=_WORLD_WIDTH.value, speed=_SPEED.value)
-    model = train.demo_model_config(_MODE.value, _CHUNKS.value, dim=_DIM.value, ffn_dim=2 * _DIM.value,
-                                    num_heads=_DIM.value // 32, num_layers=_LAYERS.value)
-    config = train.TrainConfig(model=model, world=world, num_chunks=_CHUNKS.value, batch_size=_BATCH.value,
-                               learning_rate=_LR.value, warmup_steps=_WARMUP.value, ema_decay=_EMA.value,
-                               sigma_shift=_SHIFT.value, select_own_noisy_chunk=_OWN.value, seed=_SEED.value)
+    model = training.demo_model_config(_MODE.value, _CHUNKS.value, dim=_DIM.value, ffn_dim=2 * _DIM.value,
+                                       num_heads=_DIM.value // 32, num_layers=_LAYERS.value)
+    config = training.TrainConfig(model=model, world=world, num_chunks=_CHUNKS.value, batch_size=_BATCH.value,
+                                  learning_rate=_LR.value, warmup_steps=_WARMUP.value, ema_decay=_EMA.value,
+                                  sigma_shift=_SHIFT.value, select_own_noisy_chunk=_OWN.value, seed=_SEED.value)
   except ValueError as err:
     _error(err)
 
   import jax  # noqa: PLC0415
 
   run_dir = Path(_RUN_DIR.value)
-  trainer = train.Trainer(config, run_dir / "checkpoints")
+  trainer = training.Trainer(config, run_dir / "checkpoints")
   log_path = run_dir / "log.json"
   log = json.loads(log_path.read_text()) if log_path.exists() and trainer.step_count > 0 else {"history": []}
   log.update(config=config.to_dict(), device=str(jax.devices()[0].device_kind), jax=jax.__version__,
@@ -118,9 +117,7 @@ def main(argv: Sequence[str]) -> None:
   trainer.close()
   seconds = time.perf_counter() - start
   log.update(steps=trainer.step_count, train_seconds=seconds, first_step_seconds=compile_seconds)
-  partial = log_path.with_name(f".{log_path.name}.partial-{os.getpid()}")
-  partial.write_text(json.dumps(log, indent=2) + "\n")
-  os.replace(partial, log_path)
+  io.write_json(log_path, log)
   if _EXPORT.value is not None:
     final = log["history"][-1]["loss"] if log["history"] else None
     path = trainer.export(_EXPORT.value, notes={"final_logged_loss": final, "train_seconds": seconds,

@@ -1,9 +1,12 @@
-"""Teacher-forcing training: the one-pass [clean | noisy] forward equals the rollout's chunk-by-chunk
-calls (outputs and gradients), every OmniMem branch gets gradient, the loss falls on a fixed batch,
-resuming from a checkpoint continues bit-for-bit, and the synthetic world is deterministic with the
-revisit schedule it promises."""
+"""Teacher-forcing training: the one-pass [clean | noisy] forward through the model's own forward
+reproduces the golden outputs of the forward it replaced and equals the rollout's chunk-by-chunk calls
+(outputs and gradients), every OmniMem branch gets gradient, the loss falls on a fixed batch, resuming
+from a checkpoint continues bit-for-bit, and the synthetic world is deterministic with the revisit
+schedule it promises."""
 
 import dataclasses
+import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,21 +14,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omnimem_jax import train
+from omnimem_jax import training
 from omnimem_jax.data import synthetic
 from omnimem_jax.memory.store import init_store
-from omnimem_jax.model.wan import CausalWanModel
+from omnimem_jax.model.wan import CausalWanModel, masked_dense_attention
+from omnimem_kernels.backends import Backends
 from tests.configs import tiny
+from tests.fixtures import make_teacher_forcing_golden as golden
 
 CHUNKS = 4  # chunk 3 is the first whose selection excludes the window (AWE)
 
 
-def tiny_train_config(mode: str = "omnimem", **fields) -> train.TrainConfig:
+def tiny_train_config(mode: str = "omnimem", **fields) -> training.TrainConfig:
   model = tiny(mode=mode, local_attn_frames=6, capacity_chunks=CHUNKS)
   world = synthetic.WorldConfig(channels=4, height=8, width=16, world_width=32, speed=4)
   defaults = dict(model=model, world=world, num_chunks=CHUNKS, batch_size=2, warmup_steps=1, learning_rate=3e-3)
   defaults.update(fields)
-  return train.TrainConfig(**defaults)
+  return training.TrainConfig(**defaults)
 
 
 def relative_error(actual, expected):
@@ -44,8 +49,8 @@ def rollout_velocity(model, clean, noisy, timesteps, text):
 
   def one_chunk(store, inputs):
     chunk, noisy_chunk, clean_chunk, timestep = inputs
-    velocity, _ = model(noisy_chunk, timestep, cross, store, chunk, implementation="xla")
-    _, store = model(clean_chunk, jnp.zeros((batch,)), cross, store, chunk, implementation="xla")
+    velocity, _ = model(noisy_chunk, timestep, cross, store, chunk, backends=Backends(selection="xla"))
+    _, store = model(clean_chunk, jnp.zeros((batch,)), cross, store, chunk, backends=Backends(selection="xla"))
     return store, velocity
 
   _, velocity = jax.lax.scan(one_chunk, init_store(config, batch, jnp.float32),
@@ -55,20 +60,71 @@ def rollout_velocity(model, clean, noisy, timesteps, text):
 
 
 def fresh_batch(config, seed):
-  data = train.make_batch(dataclasses.replace(config, seed=seed), step=0)
+  data = training.make_batch(dataclasses.replace(config, seed=seed), step=0)
   return {name: jnp.asarray(value) for name, value in data.items()}
+
+
+@pytest.mark.parametrize("mode", golden.MODES)
+def test_teacher_forcing_matches_golden_outputs(mode):
+  """The stored outputs of the teacher-forcing forward of commit 5c1c859 (which copied the model's blocks,
+  embedding and head), on the same inputs and model, under the precision they were made with: equal to
+  float32 rounding, relative error (norm of the difference / norm of the expected) below 1e-5."""
+  fixture = np.load(golden.OUTPUT)
+  model = golden.golden_model(mode)
+  inputs = {name: jnp.asarray(fixture[f"input_{name}_{mode}"]) for name in ("clean", "noisy", "timestep", "text")}
+  for own in (True, False):
+    with jax.default_matmul_precision("highest"):
+      velocity, stats = training.teacher_forcing_forward(model, inputs["clean"], inputs["noisy"], inputs["timestep"],
+                                                         inputs["text"], select_own_noisy_chunk=own)
+    expected = fixture[f"velocity_{mode}_own{int(own)}"]
+    assert velocity.shape == expected.shape
+    assert relative_error(velocity, expected) < 1e-5, (mode, own, relative_error(velocity, expected))
+    assert stats["recall"].shape == (model.config.num_layers,)
+
+
+def test_forward_sequence_timesteps_per_chunk_positions_and_output_frames():
+  """The model forward training uses: a timestep per chunk equal across chunks equals one per video; the
+  output from a frame on is the tail of the full output; RoPE positions given explicitly are used (a
+  common shift leaves all-visible attention unchanged, a permutation does not); bad arguments fail."""
+  config = tiny(mode="dense")
+  model = CausalWanModel(config, rngs=nnx.Rngs(4))
+  rng = np.random.default_rng(12)
+  frames = 3 * config.memory.frames_per_chunk
+  latents = jnp.asarray(rng.standard_normal((2, config.in_channels, frames, config.latent_height,
+                                             config.latent_width), dtype=np.float32))
+  text = jnp.asarray(rng.standard_normal((2, config.text_len, config.text_dim), dtype=np.float32))
+  timestep = jnp.asarray(rng.uniform(0, 1000, 2).astype(np.float32))
+  attention = masked_dense_attention(jnp.ones((frames * config.tokens_per_frame,) * 2, bool))
+  forward = functools.partial(model.forward_sequence, latents, text=text, attention=attention)
+  full, _ = forward(timestep)
+  per_chunk, _ = forward(jnp.repeat(timestep[:, None], 3, axis=1))
+  np.testing.assert_allclose(per_chunk, full, rtol=1e-5, atol=1e-5)
+  tail, _ = forward(jnp.repeat(timestep[:, None], 3, axis=1), first_output_frame=3)
+  np.testing.assert_allclose(tail, full[:, :, 3:], rtol=1e-5, atol=1e-5)
+  shifted, _ = forward(timestep, frame_positions=np.arange(frames) + 7)
+  assert relative_error(shifted, full) < 1e-4
+  permuted, _ = forward(timestep, frame_positions=rng.permutation(frames))
+  assert relative_error(permuted, full) > 1e-3
+  with pytest.raises(ValueError, match="first_output_frame must"):
+    forward(jnp.repeat(timestep[:, None], 3, axis=1), first_output_frame=4)
+  with pytest.raises(ValueError, match="frame_positions must be"):
+    forward(timestep, frame_positions=np.arange(frames - 1))
+  with pytest.raises(ValueError, match="beyond the RoPE table"):
+    forward(timestep, frame_positions=np.arange(frames) + config.rope_max_frames)
+  with pytest.raises(ValueError, match="timestep must be"):
+    forward(jnp.zeros((2, 2)))
 
 
 def test_teacher_forcing_equals_rollout_with_gradients_into_every_branch():
   config = tiny_train_config()
   model = CausalWanModel(config.model, rngs=nnx.Rngs(11))
   batch = fresh_batch(config, seed=5)
-  noisy, timesteps, target = train.noised(batch, 3)
+  noisy, timesteps, target = training.noised(batch, 3)
   graphdef, params = nnx.split(model)
 
   def tf_loss(params):
-    velocity, _ = train.teacher_forcing_forward(nnx.merge(graphdef, params), batch["latents"], noisy, timesteps,
-                                                batch["text"], select_own_noisy_chunk=False)
+    velocity, _ = training.teacher_forcing_forward(nnx.merge(graphdef, params), batch["latents"], noisy, timesteps,
+                                                   batch["text"], select_own_noisy_chunk=False)
     return jnp.mean(jnp.square(velocity - target)), velocity
 
   def rollout_loss(params):
@@ -98,8 +154,8 @@ def test_baseline_teacher_forcing_equals_rollout(mode):
   config = tiny_train_config(mode)
   model = CausalWanModel(config.model, rngs=nnx.Rngs(3))
   batch = fresh_batch(config, seed=6)
-  noisy, timesteps, _ = train.noised(batch, 3)
-  velocity, _ = jax.jit(train.teacher_forcing_forward)(model, batch["latents"], noisy, timesteps, batch["text"])
+  noisy, timesteps, _ = training.noised(batch, 3)
+  velocity, _ = jax.jit(training.teacher_forcing_forward)(model, batch["latents"], noisy, timesteps, batch["text"])
   velocity_ref = jax.jit(rollout_velocity)(model, batch["latents"], noisy, timesteps, batch["text"])
   assert relative_error(velocity, velocity_ref) < 1e-4
 
@@ -110,8 +166,8 @@ def test_official_own_chunk_selection_differs_from_rollout():
   config = tiny_train_config()
   model = CausalWanModel(config.model, rngs=nnx.Rngs(2))
   batch = fresh_batch(config, seed=9)
-  noisy, timesteps, _ = train.noised(batch, 3)
-  forward = jax.jit(train.teacher_forcing_forward, static_argnames="select_own_noisy_chunk")
+  noisy, timesteps, _ = training.noised(batch, 3)
+  forward = jax.jit(training.teacher_forcing_forward, static_argnames="select_own_noisy_chunk")
   official, _ = forward(model, batch["latents"], noisy, timesteps, batch["text"])
   exact, _ = forward(model, batch["latents"], noisy, timesteps, batch["text"], select_own_noisy_chunk=False)
   np.testing.assert_allclose(official[:, :, :9], exact[:, :, :9], rtol=1e-5, atol=1e-5)
@@ -120,7 +176,7 @@ def test_official_own_chunk_selection_differs_from_rollout():
 
 def test_masks_follow_the_teacher_forcing_rules():
   memory = tiny(local_attn_frames=6).memory
-  masks = train.chunk_masks(memory, 5, select_own_noisy_chunk=True)
+  masks = training.chunk_masks(memory, 5, select_own_noisy_chunk=True)
   n = 5
   for q in range(2 * n):
     for k in range(2 * n):
@@ -140,7 +196,7 @@ def fast_config():
 
 
 def test_loss_falls_on_a_fixed_batch():
-  trainer = train.Trainer(fast_config())  # the resume test's config: one compilation
+  trainer = training.Trainer(fast_config())  # the resume test's config: one compilation
   batch = trainer.batch(0)
   losses = [trainer.step(batch)["loss"] for _ in range(20)]
   assert np.all(np.isfinite(losses))
@@ -149,14 +205,14 @@ def test_loss_falls_on_a_fixed_batch():
 
 def test_resume_gives_the_identical_next_step(tmp_path):
   config = fast_config()
-  first = train.Trainer(config, tmp_path / "run")
+  first = training.Trainer(config, tmp_path / "run")
   assert first.mesh.devices.size == 2  # the batch is split over the fake devices
   first.step()
   first.step()
   first.save()
   expected = first.step()
   first.close()
-  resumed = train.Trainer(config, tmp_path / "run")
+  resumed = training.Trainer(config, tmp_path / "run")
   assert resumed.step_count == 2
   got = resumed.step()
   resumed.close()
@@ -168,13 +224,25 @@ def test_resume_gives_the_identical_next_step(tmp_path):
 def test_export_is_a_generate_checkpoint(tmp_path):
   from omnimem_jax.convert import wan_dit
 
-  trainer = train.Trainer(tiny_train_config())  # omnimem: the gates are saved and restored too
+  trainer = training.Trainer(tiny_train_config())  # omnimem: the gates are saved and restored too
   path = trainer.export(tmp_path / "demo")
   restored = wan_dit.restore_model(path, dtype=jnp.float32)
   expected = nnx.to_pure_dict(nnx.state(trainer.model(), nnx.Param))
   got = nnx.to_pure_dict(nnx.state(restored, nnx.Param))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_train_config_round_trips_and_rejects_unknown_fields():
+  config = tiny_train_config(sigma_shift=3.0, select_own_noisy_chunk=False)
+  assert training.TrainConfig.from_dict(config.to_dict()) == config
+  assert training.TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+  with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['learning_rte'\]"):
+    training.TrainConfig.from_dict({**config.to_dict(), "learning_rte": 1e-3})
+  with pytest.raises(ValueError, match=r"unknown WorldConfig field\(s\) \['sped'\]"):
+    training.TrainConfig.from_dict({**config.to_dict(), "world": {"sped": 4}})
+  with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['depth'\]"):
+    training.TrainConfig.from_dict({**config.to_dict(), "model": {**config.model.to_dict(), "depth": 2}})
 
 
 def test_train_config_errors():

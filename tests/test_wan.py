@@ -12,7 +12,7 @@ from omnimem_jax import checkpoints
 from omnimem_jax.config import MemoryConfig, ModelConfig
 from omnimem_jax.convert import state_dict, wan_dit
 from omnimem_jax.memory.store import init_store, slot_of_chunk
-from omnimem_jax.model.wan import CausalWanModel, count_parameters
+from omnimem_jax.model.wan import CausalWanModel, count_parameters, masked_dense_attention
 from tests.configs import tiny
 
 FIXTURES = "tests/fixtures"
@@ -104,10 +104,12 @@ def test_causal_rollout_equals_masked_full_sequence(mode, visible):
   model = CausalWanModel(config, rngs=nnx.Rngs(7))
   latents, timestep, text = random_inputs(config, chunks)
   causal = rollout(model, latents, timestep, text, chunks)
-  reference = model.forward_sequence(latents, timestep, text, chunk_mask(config, chunks, visible))
+  attention = masked_dense_attention(chunk_mask(config, chunks, visible))
+  reference, _ = model.forward_sequence(latents, timestep, text, attention)
   assert relative_error(causal, reference) < 1e-5
   # The rule matters: attending to everything gives a different answer after chunk 0.
-  unmasked = model.forward_sequence(latents, timestep, text, chunk_mask(config, chunks, lambda i, j: True))
+  unmasked, _ = model.forward_sequence(latents, timestep, text,
+                                       masked_dense_attention(chunk_mask(config, chunks, lambda i, j: True)))
   assert relative_error(causal, unmasked) > 1e-3
 
 
@@ -118,7 +120,8 @@ def test_ring_reuse_keeps_window_rollout_exact():
   model = CausalWanModel(config, rngs=nnx.Rngs(3))
   latents, timestep, text = random_inputs(config, chunks, seed=4, batch=1)
   causal = rollout(model, latents, timestep, text, chunks)
-  reference = model.forward_sequence(latents, timestep, text, chunk_mask(config, chunks, lambda i, j: i - 2 < j <= i))
+  mask = chunk_mask(config, chunks, lambda i, j: i - 2 < j <= i)
+  reference, _ = model.forward_sequence(latents, timestep, text, masked_dense_attention(mask))
   assert int(slot_of_chunk(4, config.memory)) == 0
   assert relative_error(causal, reference) < 1e-5
 
@@ -174,4 +177,4 @@ def test_input_errors():
   with pytest.raises(ValueError, match="beyond the RoPE table"):
     model(latents, timestep, text, store, config.max_chunks)
   with pytest.raises(ValueError, match="attention_mask must be"):
-    model.forward_sequence(latents, timestep, text, jnp.ones((3, 3), bool))
+    model.forward_sequence(latents, timestep, text, masked_dense_attention(jnp.ones((3, 3), bool)))

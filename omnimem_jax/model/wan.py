@@ -25,8 +25,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from omnimem_kernels.backends import Backends
 from omnimem_jax import sharding
@@ -46,6 +47,10 @@ gate_kernel_init = nnx.initializers.normal(GATE_INIT_STDDEV)
 
 # attend(q, k, v, gate_logits, (stacked store or None, layer index)) -> (output [B, N, H, D], (store, extra))
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None, Any], tuple[jax.Array, tuple[Any, Any]]]
+# The self-attention of `CausalWanModel.forward_sequence`, per layer: (q, k, v, gate_logits) -> (output, extra),
+# q [B, M, H, D] and k, v [B, M, H, D] after RoPE, gate_logits [B, M, H, 3] (omnimem mode) or None; the
+# output [B, M, H, D] goes to the output projection, the extras (any pytree) come back stacked over layers.
+SequenceAttention = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, Any]]
 
 
 @jax.tree_util.register_dataclass
@@ -98,6 +103,38 @@ def timestep_sinusoid(timestep: Float[Array, " b"], dim: int) -> Float[Array, "b
   freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
   angles = timestep.astype(jnp.float32)[:, None] * freqs[None, :]
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def _per_chunk(x: Float[Array, "b n c"], chunks: int) -> Float[Array, "b s n/s c"]:
+  return x.reshape(x.shape[0], chunks, -1, x.shape[-1])
+
+
+def modulate(x: Float[Array, "b n dim"], shift: Float[Array, "b s dim"], scale: Float[Array, "b s dim"],
+             eps: float) -> Float[Array, "b n dim"]:
+  """layer_norm(x) (1 + scale) + shift in float32, chunk by chunk: the tokens (chunk-major) form S equal runs
+  and run s takes row s of shift and scale (S = 1: one modulation for the whole sequence)."""
+  y = _per_chunk(layer_norm(x, eps), shift.shape[1])
+  return (y * (1 + scale[:, :, None]) + shift[:, :, None]).reshape(x.shape)
+
+
+def gated(y: Float[Array, "b n dim"], gate: Float[Array, "b s dim"]) -> Float[Array, "b n dim"]:
+  """y gate, chunk by chunk as in `modulate`."""
+  return (_per_chunk(y, gate.shape[1]) * gate[:, :, None]).reshape(y.shape)
+
+
+def masked_dense_attention(attention_mask: Bool[Array, "m m"]) -> SequenceAttention:
+  """Plain softmax self-attention where `attention_mask[i, j]` says whether query token i sees key token j
+  (tokens in block order, frame-major), no gates: `forward_sequence`'s reference attention, e.g. with a
+  block-causal mask over chunks, which the causal rollout must equal in "dense" / "window" modes."""
+
+  def attention(q: jax.Array, k: jax.Array, v: jax.Array, gate_logits: jax.Array | None) -> tuple[jax.Array, None]:
+    del gate_logits  # masked dense attention has a single branch
+    if attention_mask.shape != (q.shape[1], k.shape[1]):
+      raise ValueError(f"attention_mask must be [{q.shape[1]}, {k.shape[1]}] (query x key tokens of the sequence), "
+                       f"got {tuple(attention_mask.shape)}")
+    return jax.nn.dot_product_attention(q, k, v, mask=attention_mask[None, None]), None
+
+  return attention
 
 
 def _heads(x: jax.Array, num_heads: int) -> jax.Array:
@@ -165,18 +202,18 @@ class WanBlock(nnx.Module):
                    param_dtype=param_dtype)
     self.dtype = dtype
 
-  def __call__(self, x: Float[Array, "b n dim"], e0: Float[Array, "b 6 dim"], cos: jax.Array, sin: jax.Array,
+  def __call__(self, x: Float[Array, "b n dim"], e0: Float[Array, "b s 6 dim"], cos: jax.Array, sin: jax.Array,
                cross: tuple[jax.Array, jax.Array], attend: AttendFn, store_and_index: tuple[Any, jax.Array]
                ) -> tuple[jax.Array, Any]:
+    """x [B, N, dim] float32, tokens chunk-major; e0 holds the modulation of each of S chunks (`modulate`)."""
     shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = jnp.unstack(
-        self.modulation[...].astype(jnp.float32)[None] + e0, axis=1)
-    modulate = lambda y, shift, scale: (layer_norm(y, self.eps) * (1 + scale[:, None]) + shift[:, None])  # noqa: E731
+        self.modulation[...].astype(jnp.float32)[None, None] + e0, axis=2)
 
-    x_sa = modulate(x, shift_sa, scale_sa).astype(self.dtype)
+    x_sa = modulate(x, shift_sa, scale_sa, self.eps).astype(self.dtype)
     q, (k, v) = self.self_attn.queries(x_sa), self.self_attn.keys_values(x_sa)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
     attended, attend_output = attend(q, k, v, self.self_attn.gate_logits(x_sa), store_and_index)
-    x = x + self.self_attn.project_out(attended).astype(jnp.float32) * gate_sa[:, None]
+    x = x + gated(self.self_attn.project_out(attended).astype(jnp.float32), gate_sa)
 
     x_ca = layer_norm(x, self.eps, self.norm_cross_scale[...], self.norm_cross_bias[...]).astype(self.dtype)
     cross_k, cross_v = cross
@@ -186,8 +223,8 @@ class WanBlock(nnx.Module):
                                             implementation=None if implementation == "xla" else implementation)
     x = x + self.cross_attn.project_out(attended).astype(jnp.float32)
 
-    x_ffn = modulate(x, shift_ffn, scale_ffn).astype(self.dtype)
-    return x + self.ffn(x_ffn).astype(jnp.float32) * gate_ffn[:, None], attend_output
+    x_ffn = modulate(x, shift_ffn, scale_ffn, self.eps).astype(self.dtype)
+    return x + gated(self.ffn(x_ffn).astype(jnp.float32), gate_ffn), attend_output
 
 
 class CausalWanModel(nnx.Module):
@@ -249,7 +286,8 @@ class CausalWanModel(nnx.Module):
 
   # ---- shared pieces ---------------------------------------------------------------------------
 
-  def _check_latents(self, latents: jax.Array, frames: int | None) -> None:
+  def check_latents(self, latents: jax.Array, frames: int | None = None) -> None:
+    """Raises ValueError unless latents are [B, in_channels, frames (any if None), latent_h, latent_w]."""
     c = self.config
     ok = (latents.ndim == 5 and latents.shape[1] == c.in_channels
           and tuple(latents.shape[3:]) == (c.latent_height, c.latent_width)
@@ -259,19 +297,22 @@ class CausalWanModel(nnx.Module):
       raise ValueError(f"latents must be [batch, {c.in_channels}, {shown}, {c.latent_height}, {c.latent_width}] "
                        f"for this config, got {tuple(latents.shape)}")
 
-  def _embed(self, latents: Float[Array, "b c f h w"], timestep: Float[Array, " b"]):
-    """Patch tokens in block order [B, N, dim] (float32) plus e [B, dim] and e0 [B, 6, dim]."""
+  def _embed(self, latents: Float[Array, "b c f h w"], timestep: Float[Array, "b"] | Float[Array, "b s"]
+             ) -> tuple[Float[Array, "b n dim"], Float[Array, "b s dim"], Float[Array, "b s 6 dim"]]:
+    """Patch tokens in block order [B, N, dim] (float32) plus e [B, S, dim] and e0 [B, S, 6, dim]: one
+    modulation per chunk of F / S frames (S = 1 for a timestep [B])."""
     c = self.config
-    if timestep.shape != (latents.shape[0],):
-      raise ValueError(f"timestep must be [batch] = [{latents.shape[0]}] (one float per video), got "
-                       f"{tuple(timestep.shape)}")
-    frames = latents.shape[2]
+    batch, frames = latents.shape[0], latents.shape[2]
+    timestep = timestep[:, None] if timestep.ndim == 1 else timestep
+    if timestep.ndim != 2 or timestep.shape[0] != batch or frames % timestep.shape[1]:
+      raise ValueError(f"timestep must be [batch] = [{batch}] (one float per video) or [batch, chunks] with the "
+                       f"chunks dividing the {frames} frames (one float per chunk), got {tuple(timestep.shape)}")
     x = self.patch_embedding(latents.transpose(0, 2, 3, 4, 1).astype(self.dtype))  # [B, F, gh, gw, dim]
-    x = x.reshape(x.shape[0], -1, c.dim).astype(jnp.float32)
+    x = x.reshape(batch, -1, c.dim).astype(jnp.float32)
     x = to_block_order(x, (frames, c.grid_h, c.grid_w), (c.memory.block_h, c.memory.block_w))
-    e = self.time_embedding(timestep_sinusoid(timestep, c.freq_dim))
-    e0 = self.time_projection(jax.nn.silu(e)).reshape(-1, 6, c.dim)
-    return x, e, e0
+    e = self.time_embedding(timestep_sinusoid(timestep.reshape(-1), c.freq_dim))
+    e0 = self.time_projection(jax.nn.silu(e)).reshape(batch, -1, 6, c.dim)
+    return x, e.reshape(batch, -1, c.dim), e0
 
   def _run_blocks(self, x: jax.Array, e0: jax.Array, cos: jax.Array, sin: jax.Array, cross: CrossKV,
                   attend: AttendFn, layers: LayerKV | None) -> tuple[jax.Array, LayerKV | None, Any]:
@@ -295,11 +336,13 @@ class CausalWanModel(nnx.Module):
     (x, layers), extras = jax.lax.scan(body, (x, layers), (params, cross.k, cross.v, indices))
     return x, layers, extras
 
-  def _unembed(self, x: jax.Array, e: jax.Array, frames: int) -> Float[Array, "b c f h w"]:
-    """Head (2-row modulation with e, not e0) and unpatchify back to [B, C, F, H, W], float32."""
+  def _unembed(self, x: Float[Array, "b n dim"], e: Float[Array, "b s dim"], frames: int
+               ) -> Float[Array, "b c f h w"]:
+    """Head (2-row modulation with e, not e0; per chunk as in the blocks) and unpatchify of the tokens of
+    `frames` frames back to [B, C, F, H, W], float32."""
     c = self.config
-    shift, scale = jnp.unstack(self.head_modulation[...].astype(jnp.float32)[None] + e[:, None], axis=1)
-    y = self.head((layer_norm(x, c.eps) * (1 + scale[:, None]) + shift[:, None]).astype(self.dtype))
+    shift, scale = jnp.unstack(self.head_modulation[...].astype(jnp.float32)[None, None] + e[:, :, None], axis=2)
+    y = self.head(modulate(x, shift, scale, c.eps).astype(self.dtype))
     y = from_block_order(y.astype(jnp.float32), (frames, c.grid_h, c.grid_w), (c.memory.block_h, c.memory.block_w))
     pt, ph, pw = c.patch_size
     y = y.reshape(y.shape[0], frames, c.grid_h, c.grid_w, pt, ph, pw, c.out_channels)
@@ -325,7 +368,8 @@ class CausalWanModel(nnx.Module):
 
     Args:
       latents: the chunk's noisy latents [B, in_channels, frames_per_chunk, latent_h, latent_w].
-      timestep: flow-matching time in [0, 1000] per batch entry (float; 0 for the context pass).
+      timestep: flow-matching time in [0, 1000] per batch entry [B] (float; 0 for the context pass), or
+        per entry and equal run of the chunk's frames [B, S].
       text: text-encoder output [B, tokens, text_dim] (zero-padded, no mask), or `cross_kv(...)` of it.
       store: the KV store (`memory.store.init_store`), all layers; donate it under `jax.jit`.
       chunk_index: absolute chunk index c (traceable: one compilation for the whole rollout). Frames
@@ -340,7 +384,7 @@ class CausalWanModel(nnx.Module):
       histograms when asked for.
     """
     c = self.config
-    self._check_latents(latents, c.memory.frames_per_chunk)
+    self.check_latents(latents, c.memory.frames_per_chunk)
     batch = latents.shape[0]
     cross = self._cross(text, batch)
     layers = store.layers
@@ -392,31 +436,61 @@ class CausalWanModel(nnx.Module):
 
   # ---- whole sequences (references, teacher forcing) --------------------------------------------
 
-  def forward_sequence(self, latents: Float[Array, "b c f h w"], timestep: Float[Array, " b"],
-                       text: CrossKV | jax.Array, attention_mask: jax.Array) -> Float[Array, "b c f h w"]:
-    """One forward over all frames at once with plain masked self-attention (no store, no gates).
+  def forward_sequence(self, latents: Float[Array, "b c f h w"], timestep: Float[Array, "b"] | Float[Array, "b s"],
+                       text: CrossKV | jax.Array, attention: SequenceAttention, *,
+                       frame_positions: Sequence[int] | np.ndarray | None = None, first_output_frame: int = 0
+                       ) -> tuple[Float[Array, "b c f_out h w"], Any]:
+    """One forward over all frames at once, no store, with the caller's self-attention.
 
-    `attention_mask[i, j]` (over tokens in block order, frame-major) says whether query i sees key j,
-    e.g. a block-causal mask over chunks. This is the reference the causal rollout must equal in
-    "dense" / "window" modes, and the shape of teacher-forcing training.
+    The blocks, embedding and head are the causal call's; only the self-attention is `attention`:
+    `masked_dense_attention(mask)` gives the reference the causal rollout must equal in "dense" /
+    "window" modes; teacher forcing (`omnimem_jax.training`) passes the [clean | noisy] sequence with
+    its own masks and branches (docs/architecture.md, 'Teacher forcing').
+
+    Args:
+      latents: [B, in_channels, F, latent_h, latent_w]; tokens run frame-major in block order.
+      timestep: [B] (one time per video) or [B, S]: the time of each of S equal runs of frames (chunks).
+      text: text-encoder output [B, tokens, text_dim], or `cross_kv(...)` of it.
+      attention: each layer's self-attention (`SequenceAttention`).
+      frame_positions: the RoPE frame index of each of the F frames (concrete ints, default 0 .. F-1);
+        teacher forcing gives the noisy frames their clean twins' positions.
+      first_output_frame: the head runs on frames from here on only (a multiple of F / S when S > 1).
+
+    Returns:
+      (velocity [B, out_channels, F - first_output_frame, latent_h, latent_w] float32, the extras of
+      `attention` stacked over layers).
     """
     c = self.config
-    self._check_latents(latents, None)
+    self.check_latents(latents)
     frames = latents.shape[2]
-    tokens = frames * c.tokens_per_frame
-    if attention_mask.shape != (tokens, tokens):
-      raise ValueError(f"attention_mask must be [{tokens}, {tokens}] for {frames} frames, got "
-                       f"{tuple(attention_mask.shape)}")
     cross = self._cross(text, latents.shape[0])
     x, e, e0 = self._embed(latents, timestep)
-    cos, sin = rope.rope_cos_sin(c, 0, frames)
+    chunk_frames = frames // e.shape[1]
+    if not 0 <= first_output_frame < frames or (e.shape[1] > 1 and first_output_frame % chunk_frames):
+      raise ValueError(f"first_output_frame must lie in [0, {frames}) and, with a timestep per chunk, start a chunk "
+                       f"({chunk_frames} frames each), got {first_output_frame}")
+    cos, sin = self._sequence_rope(frames, frame_positions)
 
     def attend(q, k, v, gate_logits, store_and_index):
-      del gate_logits  # masked dense attention has a single branch
-      return jax.nn.dot_product_attention(q, k, v, mask=attention_mask[None, None]), (store_and_index[0], None)
+      out, extra = attention(q, k, v, gate_logits)
+      return out, (store_and_index[0], extra)
 
-    x, _, _ = self._run_blocks(x, e0, cos, sin, cross, attend, None)
-    return self._unembed(x, e, frames)
+    x, _, extras = self._run_blocks(x, e0, cos, sin, cross, attend, None)
+    x = x[:, first_output_frame * c.tokens_per_frame:]
+    return self._unembed(x, e[:, first_output_frame // chunk_frames:], frames - first_output_frame), extras
+
+  def _sequence_rope(self, frames: int, frame_positions: Sequence[int] | np.ndarray | None
+                     ) -> tuple[Float[Array, "n pairs"], Float[Array, "n pairs"]]:
+    """RoPE cos and sin of `frames` frames at the given frame positions (default 0 .. frames-1)."""
+    positions = np.arange(frames) if frame_positions is None else np.asarray(frame_positions)
+    if positions.shape != (frames,) or not np.issubdtype(positions.dtype, np.integer):
+      raise ValueError(f"frame_positions must be {frames} integers (one per frame), got {positions!r}")
+    first = int(positions.min())
+    tables = rope.rope_cos_sin(self.config, first, int(positions.max()) - first + 1)  # range-checked
+    pairs = tables[0].shape[-1]
+    cos, sin = (table.reshape(-1, self.config.tokens_per_frame, pairs)[positions - first].reshape(-1, pairs)
+                for table in tables)
+    return cos, sin
 
 
 def initial_gate_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
