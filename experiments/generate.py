@@ -1,4 +1,4 @@
-r"""Generates a long video: prompt(s) in, mp4 and a JSON run report out (logic: omnimem_jax/generate.py).
+r"""Generates a long video: prompt(s) in, mp4 and a JSON run report out (logic: omnimem_jax/generation/).
 
   python experiments/generate.py            # the committed demo model (assets/demo_checkpoint), ~10 s on a CPU
   python experiments/generate.py --preset=tiny   # smoke run: random weights, tests the pipeline
@@ -9,6 +9,8 @@ r"""Generates a long video: prompt(s) in, mp4 and a JSON run report out (logic: 
   python experiments/generate.py --checkpoint=checkpoints/omnimem --text_embeddings=prompt.npy --num_frames=165
   python experiments/generate.py --model_dir=models/omnimem --prompt="a corgi surfing" --seconds=120 \
       --mesh=data=2,model=2 --batch_size=2     # 4 GPUs: 2 videos, each on 2 GPUs holding 6 heads apiece
+  python experiments/generate.py --preset=tiny --backends=selection=triton+xla,dense=mosaic_gpu+xla
+                                               # kernel backend per op; the report records what ran
 
 Bad input (missing or mismatched checkpoints, wrong shapes, lengths past the RoPE horizon, unwritable
 outputs, conflicting flags) gives one line `error: ...` on stderr and exit code 2, before any weights
@@ -16,27 +18,27 @@ are loaded.
 """
 
 import dataclasses
-import sys
-from pathlib import Path
 from collections.abc import Sequence
-from typing import NoReturn
+from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
+from omnimem_kernels.backends import OPS
 
-from omnimem_jax import generate, sharding
+from omnimem_jax import cli, sharding
 from omnimem_jax.config import ATTENTION_MODES, PRESETS
+from omnimem_jax.generation import options, plan, run
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax DiT checkpoint (experiments/convert_checkpoint.py); "
                                   "none: assets/demo_checkpoint, or with --preset random weights (a smoke run).")
 _PRESET = flags.DEFINE_string("preset", None, f"Architecture for random weights, one of {sorted(PRESETS)} "
-                              f"(default {generate.DEFAULT_PRESET}); with --checkpoint it must match it.")
+                              f"(default {options.DEFAULT_PRESET}); with --checkpoint it must match it.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (needs --text_encoder and --tokenizer, or --model_dir).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Prompt schedule: lines `latent_frame: prompt`; a prompt "
                                    "starts at chunk latent_frame // 3, after a KV recache of --recache_frames.")
 _TEXT_EMBEDDINGS = flags.DEFINE_string("text_embeddings", None, "Precomputed umT5 output, .npy [tokens, text_dim] "
                                        "or [batch, tokens, text_dim] (a batch is tiled side by side).")
 _SECONDS = flags.DEFINE_float("seconds", None, f"Video length in seconds at 16 fps (default "
-                              f"{generate.DEFAULT_SECONDS:g}); rounded up to whole chunks.")
+                              f"{options.DEFAULT_SECONDS:g}); rounded up to whole chunks.")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", None, "Video length in frames (chunk 0 gives 9, later chunks 12); "
                                    "rounded up to whole chunks.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed (also of random weights and of a random embedding).")
@@ -49,7 +51,7 @@ _GROUP_SIZE = flags.DEFINE_integer("group_size", None, "Queries sharing one sele
 _CAPACITY = flags.DEFINE_integer("capacity_chunks", None, "KV store slots (default: every chunk of the video, "
                                  "full history); fewer reuse slots and drop the oldest chunks.")
 _RECACHE = flags.DEFINE_integer("recache_frames", 21, "Latent frames re-encoded under a new prompt at a switch.")
-_OUTPUT = flags.DEFINE_string("output", generate.DEFAULT_OUTPUT, "mp4 to write.")
+_OUTPUT = flags.DEFINE_string("output", options.DEFAULT_OUTPUT, "mp4 to write.")
 _REPORT = flags.DEFINE_string("report", None, "JSON run report (default: --output with .json).")
 _SAVE_LATENTS = flags.DEFINE_string("save_latents", None, "Also save the latents [B, C, frames, H, W] to this .npy.")
 _VAE = flags.DEFINE_string("vae", None, "Converted Wan VAE checkpoint; none: a latent visualisation.")
@@ -67,22 +69,9 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Videos side by side, eac
                                    "--text_embeddings batch, or 1); spread over the mesh's data axis.")
 _RETRIEVAL_STATS = flags.DEFINE_bool("retrieval_stats", True, "omnimem: record per-layer retrieval histograms "
                                      "(one extra scoring pass per call).")
-
-
-def _error(message: object) -> NoReturn:
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's parser, with flag errors reported like every other bad input (one line, exit code 2)."""
-  try:
-    argv = flags.FLAGS(argv)
-  except flags.Error as err:
-    _error(err)
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # keep JAX's backend-probing INFO lines out of the progress output
-  return argv
+_BACKENDS = flags.DEFINE_string("backends", None, f"Kernel backend per op ({', '.join(OPS)}), e.g. "
+                                "'selection=triton,dense=mosaic_gpu+xla' ('+': a preference list); default: each "
+                                "op's per-platform choice. The report records what was asked and what ran.")
 
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_checkpoint"
@@ -90,19 +79,19 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_checkpo
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    _error(f"unexpected arguments {argv[1:]}")
+    cli.fail(f"unexpected arguments {argv[1:]}")
   sharding.initialize_distributed()  # multi-host jobs: when the environment describes one
-  fields = [field.name for field in dataclasses.fields(generate.GenerateOptions)]
-  options = generate.GenerateOptions(**{name: flags.FLAGS[name].value for name in fields})
-  if options.checkpoint is None and options.model_dir is None and options.preset is None and DEMO_CHECKPOINT.is_dir():
+  fields = [field.name for field in dataclasses.fields(options.GenerateOptions)]
+  asked = options.GenerateOptions(**{name: flags.FLAGS[name].value for name in fields})
+  if asked.checkpoint is None and asked.model_dir is None and asked.preset is None and DEMO_CHECKPOINT.is_dir():
     # No model named: the demo model trained on the synthetic orbiting-camera world (README, "Training").
-    options = dataclasses.replace(options, checkpoint=str(DEMO_CHECKPOINT))
+    asked = dataclasses.replace(asked, checkpoint=str(DEMO_CHECKPOINT))
   try:
-    plan = generate.plan(options)
-  except generate.GenerateError as err:
-    _error(err)
-  generate.run(plan)
+    validated = plan.plan(asked)
+  except options.GenerateError as err:
+    cli.fail(err)
+  run.run(validated)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -17,10 +17,7 @@ the same scene.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import platform
-import tempfile
 import time
 
 import jax
@@ -28,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from omnimem_jax import io
 from omnimem_jax.config import ATTENTION_MODES, ModelConfig, store_bytes
 from omnimem_jax.memory import select, store
 from omnimem_jax.model.attention import chunk_self_attention
@@ -124,10 +122,7 @@ def main(argv: list[str]) -> None:
   if _REPORT.value:
     report = {"config": dataclasses.asdict(config), "device": jax.devices()[0].device_kind,
               "jax": jax.__version__, "python": platform.python_version(), "rows": rows}
-    directory = os.path.dirname(os.path.abspath(_REPORT.value))
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as handle:
-      json.dump(report, handle, indent=2)
-    os.replace(handle.name, _REPORT.value)
+    io.write_json(_REPORT.value, report)
     print(f"report written to {_REPORT.value}")
 
 

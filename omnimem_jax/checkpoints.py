@@ -85,8 +85,8 @@ class CheckpointRecord:
       record["layout"] = record.pop("source_layout")
     unknown = sorted(set(record) - names)
     if unknown or "kind" not in record or "config" not in record:
-      raise ValueError(f"{where}: expected fields {sorted(names)} with 'kind' and 'config' present, got unknown "
-                       f"{unknown} / missing {sorted({'kind', 'config'} - set(record))}")
+      raise ValueError(f"{where}: a record needs 'kind' and 'config' and has only the fields {sorted(names)}; got "
+                       f"unknown {unknown}, missing {sorted({'kind', 'config'} - set(record))}")
     if record["kind"] not in {kind.value for kind in Kind}:
       raise ValueError(f"{where}: unknown kind {record['kind']!r}; known: {[kind.value for kind in Kind]}")
     return cls(**record)

@@ -1,17 +1,44 @@
 """Frozen, validated configuration of the model geometry and of the OmniMem memory.
 
 Every size the algorithm uses is a field here, so tests run the exact same code on a tiny preset as
-production runs at 480x832 (DESIGN.md section 2). Construction validates each field and each
-combination and raises `ValueError` naming the field and the rule it broke.
+production runs at 480x832 (docs/architecture.md, 'Token layout and blocks'). Construction validates
+each field and each combination and raises `ValueError` naming the field and the rule it broke.
+
+Every config class of the project follows one convention: named presets are a module-level `PRESETS`
+dict of factories (each takes field overrides) read by `Config.from_preset(name, **overrides)`
+through `build_preset`, and `Config.from_dict(fields)` (a checkpoint's or a run's JSON) refuses
+unknown fields through `checked_fields`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar
 
 AttentionMode = Literal["omnimem", "window", "sink_window", "dense"]
 ATTENTION_MODES: tuple[str, ...] = ("omnimem", "window", "sink_window", "dense")
+
+Config = TypeVar("Config")
+
+
+def build_preset(presets: Mapping[str, Callable[..., Config]], name: str, kind: str, overrides: Mapping[str, Any]
+                ) -> Config:
+  """`presets[name](**overrides)` (validated like any construction); ValueError for an unknown name."""
+  if name not in presets:
+    raise ValueError(f"unknown preset {name!r} for {kind}; choose one of {sorted(presets)}")
+  return presets[name](**overrides)
+
+
+def checked_fields(cls: type, fields: Mapping[str, Any]) -> dict[str, Any]:
+  """Keyword arguments for `cls` (a config dataclass) from JSON fields: JSON lists become the tuples the
+  configs hold; a field `cls` does not have is a ValueError naming it and the known ones."""
+  known = [field.name for field in dataclasses.fields(cls)]
+  unknown = sorted(set(fields) - set(known))
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {known}")
+  return {name: tuple(value) if isinstance(value, list) else value for name, value in fields.items()}
 
 
 def _require(condition: bool, field: str, rule: str) -> None:
@@ -115,6 +142,11 @@ class MemoryConfig:
   def min_capacity_chunks(self) -> int:
     return self.pinned_chunks + self.recent_chunks
 
+  @classmethod
+  def from_dict(cls, fields: Mapping[str, Any]) -> MemoryConfig:
+    """A config from `dataclasses.asdict` output; unknown fields are an error."""
+    return cls(**checked_fields(cls, fields))
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -165,10 +197,8 @@ class ModelConfig:
 
   @classmethod
   def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-    """A named preset with fields replaced by `overrides` (validated again)."""
-    if name not in PRESETS:
-      raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    """A named preset (`PRESETS`) with fields replaced by `overrides` (validated again)."""
+    return build_preset(PRESETS, name, cls.__name__, overrides)
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-ready fields (the memory config nested), the inverse of `from_dict`."""
@@ -177,17 +207,11 @@ class ModelConfig:
     return fields
 
   @classmethod
-  def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:
+  def from_dict(cls, fields: Mapping[str, Any]) -> ModelConfig:
     """A config from `to_dict` output (e.g. a checkpoint's JSON); unknown fields are an error."""
-    fields = dict(fields)
-    memory = dict(fields.pop("memory", {}))
-    for name, known, given in (("ModelConfig", cls, fields), ("MemoryConfig", MemoryConfig, memory)):
-      unknown = sorted(set(given) - {f.name for f in dataclasses.fields(known)})
-      if unknown:
-        raise ValueError(f"unknown {name} field(s) {unknown}")
-    if "patch_size" in fields:
-      fields["patch_size"] = tuple(fields["patch_size"])
-    return cls(**fields, memory=MemoryConfig(**memory))
+    fields = checked_fields(cls, fields)
+    memory = MemoryConfig.from_dict(fields.pop("memory", {}))
+    return cls(**fields, memory=memory)
 
   @property
   def head_dim(self) -> int:
@@ -233,11 +257,11 @@ class ModelConfig:
     return self.rope_max_frames // self.memory.frames_per_chunk
 
 
-PRESETS: dict[str, ModelConfig] = {
-    "wan2.1-t2v-1.3b": ModelConfig(),
+PRESETS: dict[str, Callable[..., ModelConfig]] = {
+    "wan2.1-t2v-1.3b": ModelConfig,
     # 4 x 8 tokens per frame, 2 x 2 blocks (8 per frame, 24 per chunk), groups of 2 queries.
-    "tiny": ModelConfig(
-        dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_channels=4, out_channels=4,
+    "tiny": functools.partial(
+        ModelConfig, dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_channels=4, out_channels=4,
         text_dim=32, text_len=8, freq_dim=32, latent_height=8, latent_width=16,
         memory=MemoryConfig(block_h=2, block_w=2, group_size=2, top_k=4, capacity_chunks=8),
     ),
@@ -251,11 +275,9 @@ def store_bytes(config: ModelConfig, batch_size: int, bytes_per_element: int = 2
   return elements * bytes_per_element
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-  """Few-step flow-matching schedule of Self-Forcing / LongLive (wan-base-model.md section 2.7).
+  """Few-step flow-matching schedule of Self-Forcing / LongLive (docs/architecture.md, 'Sampler').
 
   Attributes:
     denoising_steps: training-grid steps, each mapped through the shifted grid when `warp` is set
@@ -282,3 +304,8 @@ class SamplerConfig:
     _require(self.shift > 0, "shift", f"must be > 0, got {self.shift}")
     _require(0 <= self.context_timestep < self.num_train_timesteps, "context_timestep",
              f"must lie in [0, {self.num_train_timesteps}), got {self.context_timestep}")
+
+  @classmethod
+  def from_dict(cls, fields: Mapping[str, Any]) -> SamplerConfig:
+    """A config from `dataclasses.asdict` output (e.g. a run report); unknown fields are an error."""
+    return cls(**checked_fields(cls, fields))

@@ -1,12 +1,14 @@
 """mp4 output through imageio-ffmpeg (`pip install 'omnimem-jax[video]'`), H.264 yuv420p at 16 fps.
 
 Frames go to a temporary name in the target directory and are renamed into place when the file is
-complete, so an interrupted run never leaves a truncated video under the final name. `Mp4Writer`
+complete (`omnimem_jax.io.atomic_file`), so an interrupted run never leaves a truncated video under the
+final name. `Mp4Writer`
 takes frames chunk by chunk as a streaming rollout decodes them; `write_mp4` writes a whole video.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from types import TracebackType
@@ -14,6 +16,8 @@ from typing import Any
 
 import numpy as np
 from jaxtyping import UInt8
+
+from omnimem_jax import io
 
 FPS = 16  # Wan2.1's frame rate
 
@@ -45,11 +49,13 @@ class Mp4Writer:
     if self.path.suffix.lower() != ".mp4":
       raise ValueError(f"expected an .mp4 path, got {self.path}")
     self.height, self.width, self.frames = height, width, 0
-    self._partial = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}.mp4")
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._gen = _imageio_ffmpeg().write_frames(str(self._partial), (width, height), fps=fps, quality=quality,
-                                               macro_block_size=1, pix_fmt_in="rgb24", pix_fmt_out="yuv420p")
-    self._gen.send(None)
+    ffmpeg = _imageio_ffmpeg()
+    with contextlib.ExitStack() as stack:  # a failed start removes the partial file
+      partial = stack.enter_context(io.atomic_file(self.path))
+      self._gen = ffmpeg.write_frames(str(partial), (width, height), fps=fps, quality=quality, macro_block_size=1,
+                                      pix_fmt_in="rgb24", pix_fmt_out="yuv420p")
+      self._gen.send(None)
+      self._target = stack.pop_all()  # closed normally: renamed into place; exited with an error: removed
 
   def write(self, frames: UInt8[np.ndarray, "t h w 3"]) -> None:
     """Appends frames (uint8, `[T, H, W, 3]` at the writer's size, or one `[H, W, 3]` frame)."""
@@ -67,15 +73,16 @@ class Mp4Writer:
     """Finishes the file and renames it into place; returns its path."""
     self._gen.close()
     if self.frames == 0:
-      self._partial.unlink(missing_ok=True)
+      self.abort()
       raise ValueError(f"no frames were written to {self.path}")
-    os.replace(self._partial, self.path)
+    self._target.close()
     return self.path
 
   def abort(self) -> None:
     """Stops writing and removes the partial file."""
     self._gen.close()
-    self._partial.unlink(missing_ok=True)
+    aborted = RuntimeError(f"writing {self.path} was aborted")
+    self._target.__exit__(RuntimeError, aborted, None)  # the error exit of `io.atomic_file`: no rename
 
   def __enter__(self) -> Mp4Writer:
     return self

@@ -1,6 +1,7 @@
 """Orbax checkpoints: convert -> restore gives identical outputs, restore onto a 4-device mesh with
 shardings, safe saving (no overwrite, atomic replace, nothing left behind), and the gate policies."""
 
+import dataclasses
 import logging
 
 import jax
@@ -79,25 +80,26 @@ def test_restore_casts_to_the_requested_dtype(converted):
 def test_saving_never_overwrites_or_leaves_partial_files(tmp_path):
   target = tmp_path / "ckpt"
   params = {"w": np.arange(4, dtype=np.float32)}
-  checkpoints.save_checkpoint(target, params, {"kind": "test", "config": {}})
+  record = checkpoints.CheckpointRecord(kind=checkpoints.Kind.VAE, config={})
+  checkpoints.save_checkpoint(target, params, record)
   with pytest.raises(FileExistsError, match="already exists"):
-    checkpoints.save_checkpoint(target, params, {"kind": "test", "config": {}})
+    checkpoints.save_checkpoint(target, params, record)
   with pytest.raises(Exception):  # noqa: B017 (whatever Orbax raises for an unsavable leaf)
-    checkpoints.save_checkpoint(target, {"w": object()}, {"kind": "test", "config": {}}, overwrite=True)
-  assert checkpoints.read_metadata(target, "test")["kind"] == "test"  # the old checkpoint survived
-  checkpoints.save_checkpoint(target, {"w": np.ones(2, np.float32)}, {"kind": "test", "config": {"v": 2}},
+    checkpoints.save_checkpoint(target, {"w": object()}, record, overwrite=True)
+  assert checkpoints.read_record(target, checkpoints.Kind.VAE).kind == checkpoints.Kind.VAE  # the old one survived
+  checkpoints.save_checkpoint(target, {"w": np.ones(2, np.float32)}, dataclasses.replace(record, config={"v": 2}),
                               overwrite=True)
-  assert checkpoints.read_metadata(target)["config"] == {"v": 2}
+  assert checkpoints.read_record(target).config == {"v": 2}
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging or retired directories
   with pytest.raises(ValueError, match="needs 'kind' and 'config'"):
-    checkpoints.save_checkpoint(tmp_path / "x", params, {"config": {}})
+    checkpoints.save_checkpoint(tmp_path / "x", params, checkpoints.CheckpointRecord.from_json({"config": {}}))
 
 
 def test_metadata_errors(tmp_path, converted):
   with pytest.raises(FileNotFoundError, match="not an OmniMem-JAX checkpoint"):
-    checkpoints.read_metadata(tmp_path)
+    checkpoints.read_record(tmp_path)
   with pytest.raises(ValueError, match="holds a 'wan_dit' checkpoint, expected 'wan_vae'"):
-    checkpoints.read_metadata(converted, "wan_vae")
+    checkpoints.read_record(converted, checkpoints.Kind.VAE)
 
 
 def test_gate_policies_at_restore(converted, caplog):
@@ -114,7 +116,7 @@ def test_gate_policies_at_restore(converted, caplog):
 
 def test_gated_checkpoint_in_a_baseline_mode(tmp_path, caplog):
   path = wan_dit.convert_checkpoint(ORIGINAL, tmp_path / "omnimem", tiny(), dtype=jnp.float32, init_gates=True)
-  assert checkpoints.read_metadata(path)["gates_initialised"]
+  assert checkpoints.read_record(path).gates_initialised
   with caplog.at_level(logging.WARNING):
     model = wan_dit.restore_model(path, memory=tiny(mode="window").memory, dtype=jnp.float32)
   assert "ignoring the checkpoint's OmniMem gates" in caplog.text

@@ -1,10 +1,16 @@
-"""Config presets, derived geometry and validation errors."""
+"""Config presets, derived geometry, validation errors, and the one convention of every config class
+(presets as factories, `from_dict` refusing unknown fields)."""
 
 import dataclasses
+import json
 
 import pytest
 
-from omnimem_jax.config import MemoryConfig, ModelConfig, store_bytes
+from omnimem_jax.config import PRESETS, MemoryConfig, ModelConfig, SamplerConfig, store_bytes
+from omnimem_jax.data.synthetic import WorldConfig
+from omnimem_jax.model import text, vae
+from omnimem_jax.model.text import TextEncoderConfig
+from omnimem_jax.model.vae import VAEConfig
 
 
 def test_real_preset_geometry_matches_design_table():
@@ -15,7 +21,7 @@ def test_real_preset_geometry_matches_design_table():
   assert config.memory.block_tokens == 30
   assert (config.blocks_per_frame, config.blocks_per_chunk) == (52, 156)
   assert config.groups_per_chunk == 312
-  # K+V per chunk, all layers, bf16 = 0.86 GB (DESIGN.md section 2); the store adds pooled entries.
+  # K+V per chunk, all layers, bf16 = 0.86 GB (docs/architecture.md, 'Store layout'); the store adds pooled entries.
   per_chunk = dataclasses.replace(config, memory=dataclasses.replace(config.memory, capacity_chunks=3))
   full_res = 4680 * 1536 * 2 * 2 * 30
   assert store_bytes(per_chunk, batch_size=1) == 3 * (full_res + full_res * 156 // 4680)
@@ -80,3 +86,27 @@ def test_pinned_and_window_chunks_per_mode():
   assert (longlive.pinned_chunks, longlive.recent_chunks, longlive.min_capacity_chunks) == (1, 3, 4)
   self_forcing = MemoryConfig(mode="window", local_attn_frames=21, capacity_chunks=7)
   assert (self_forcing.pinned_chunks, self_forcing.recent_chunks) == (0, 7)
+
+
+@pytest.mark.parametrize("cls", [ModelConfig, MemoryConfig, SamplerConfig, VAEConfig, TextEncoderConfig, WorldConfig])
+def test_every_from_dict_refuses_unknown_fields_by_name(cls):
+  fields = dataclasses.asdict(cls())
+  assert cls.from_dict(json.loads(json.dumps(fields))) == cls()  # JSON round trip (lists back to tuples)
+  with pytest.raises(ValueError, match=rf"unknown {cls.__name__} field\(s\) \['colour'\]; known fields: \[.*'{next(iter(fields))}'"):
+    cls.from_dict({**fields, "colour": 1})
+
+
+def test_memory_fields_of_a_model_config_are_checked_too():
+  with pytest.raises(ValueError, match=r"unknown MemoryConfig field\(s\) \['topk'\]"):
+    ModelConfig.from_dict({"memory": {"topk": 3}})
+
+
+@pytest.mark.parametrize(("cls", "presets", "override"), [
+    (ModelConfig, PRESETS, {"num_layers": 3}), (VAEConfig, vae.PRESETS, {"dtype": "bfloat16"}),
+    (TextEncoderConfig, text.PRESETS, {"num_layers": 3})])
+def test_presets_follow_one_convention(cls, presets, override):
+  for name, factory in presets.items():
+    assert cls.from_preset(name) == factory() and isinstance(factory(), cls)
+    assert cls.from_preset(name, **override) == dataclasses.replace(factory(), **override)
+  with pytest.raises(ValueError, match=f"unknown preset 'huge' for {cls.__name__}; choose one of"):
+    cls.from_preset("huge")

@@ -3,6 +3,8 @@ reading, and each error path. State dicts are synthesised from the fixture's rea
 
 import json
 import logging
+import os
+import re
 import struct
 import subprocess
 import sys
@@ -12,14 +14,21 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
+from omnimem_jax import checkpoints
 from omnimem_jax.config import ModelConfig
 from omnimem_jax.convert import state_dict as sd
 from omnimem_jax.convert import wan_dit
+from omnimem_jax.memory.store import init_store
+from omnimem_jax.model.vae import VAEConfig
+from omnimem_jax.model.wan import CausalWanModel
 from tests.configs import tiny
 
 ORIGINAL = "tests/fixtures/wan_dit_original.safetensors"
 DIFFUSERS = "tests/fixtures/wan_dit_diffusers.safetensors"
+VAE = "tests/fixtures/vae_tiny_diffusers.safetensors"
+CLI_ENV = {"PYTHONPATH": os.pathsep.join([".", "kernels"]), "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -237,11 +246,95 @@ def test_convert_checkpoint_refuses_before_reading(tmp_path):
 def test_command_line(tmp_path):
   command = [sys.executable, "experiments/convert_checkpoint.py", f"--checkpoint={DIFFUSERS}", "--preset=tiny",
              "--mode=sink_window", f"--output={tmp_path / 'converted'}"]
-  done = subprocess.run(command, capture_output=True, text=True, env={"PYTHONPATH": ".", "JAX_PLATFORMS": "cpu"})
+  done = subprocess.run(command, capture_output=True, text=True, env=CLI_ENV)
   assert done.returncode == 0, done.stderr[-2000:]
   record = json.loads((tmp_path / "converted" / "omnimem.json").read_text())
-  assert record["kind"] == "wan_dit" and record["config"]["memory"]["mode"] == "sink_window"
-  assert record["source_layout"] == "diffusers" and record["param_dtype"] == "bfloat16"
+  assert record["kind"] == checkpoints.Kind.DIT and record["config"]["memory"]["mode"] == "sink_window"
+  assert record["layout"] == "diffusers" and record["param_dtype"] == "bfloat16"
   again = subprocess.run([*command[:-1], f"--output={tmp_path / 'other'}", "--mode=omnimem"], capture_output=True,
-                         text=True, env={"PYTHONPATH": ".", "JAX_PLATFORMS": "cpu"})
+                         text=True, env=CLI_ENV)
   assert again.returncode != 0 and "error: this checkpoint has no OmniMem gates" in again.stderr
+
+
+def non_preset_state_dict(original, seed=0):
+  """A valid Wan DiT state dict of no preset: dim 48, ffn_dim 96, 3 layers (the fixture's original names,
+  resized, with fresh random values)."""
+  sizes = {64: 48, 128: 96, 384: 288}  # dim, ffn_dim, 6 * dim (time projection)
+  rng = np.random.default_rng(seed)
+  state = {}
+  for key, value in original.items():
+    if key.startswith("blocks.1."):
+      continue
+    names = [key.replace("blocks.0.", f"blocks.{i}.", 1) for i in range(3)] if key.startswith("blocks.0.") else [key]
+    for name in names:
+      state[name] = (0.1 * rng.standard_normal([sizes.get(n, n) for n in value.shape])).astype(np.float32)
+  return state
+
+
+def test_a_non_preset_architecture_is_read_from_the_shapes(original):
+  state, base = non_preset_state_dict(original), tiny(mode="dense")
+  with pytest.raises(ValueError, match="shape mismatch"):  # a preset's config does not fit it
+    convert(state, base)
+  with pytest.raises(ValueError, match="dim 48 matches no preset .*--num_heads.*--config"):
+    wan_dit.infer_config(state, base)
+  config = wan_dit.infer_config(state, base, num_heads=2)
+  assert (config.dim, config.ffn_dim, config.num_layers, config.num_heads) == (48, 96, 3, 2)
+  assert (config.in_channels, config.out_channels, config.patch_size, config.text_dim, config.freq_dim) == (
+      4, 4, (1, 2, 2), 32, 32)
+  assert (config.latent_height, config.latent_width, config.text_len, config.memory) == (
+      base.latent_height, base.latent_width, base.text_len, base.memory)  # what the weights do not hold
+  params = convert(state, config)
+  np.testing.assert_array_equal(params["blocks"]["self_attn"]["q"]["kernel"][2], state["blocks.2.self_attn.q.weight"].T)
+  np.testing.assert_array_equal(params["blocks"]["ffn"]["linear_in"]["kernel"][1], state["blocks.1.ffn.0.weight"].T)
+  model = checkpoints.module_with_params(lambda: CausalWanModel(config, rngs=nnx.Rngs(0)), params)
+  rng = np.random.default_rng(1)
+  latents = jnp.asarray(rng.standard_normal((1, 4, 3, 8, 16)), jnp.float32)
+  text = jnp.asarray(rng.standard_normal((1, config.text_len, 32)), jnp.float32)
+  velocity, _ = model(latents, jnp.asarray([500.0]), text, init_store(config, 1, jnp.float32), 0)
+  assert velocity.shape == latents.shape and np.isfinite(np.asarray(velocity)).all()
+  assert wan_dit.infer_config(with_gates(state, config), tiny()).num_heads == 2  # gates are [3 * heads, dim]
+  assert wan_dit.infer_config(sd.load_state_dict(DIFFUSERS), base) == base  # the tiny fixture, diffusers names
+  wan = ModelConfig.from_preset("wan2.1-t2v-1.3b")
+  assert wan_dit.infer_config(original, wan).num_heads == 4  # dim 64: the tiny preset's heads
+
+
+def run_cli(*flags):
+  return subprocess.run([sys.executable, "experiments/convert_checkpoint.py", *flags], capture_output=True, text=True,
+                        env=CLI_ENV)
+
+
+def test_command_line_converts_a_non_preset_architecture(original, tmp_path):
+  state = non_preset_state_dict(original)
+  write_safetensors(tmp_path / "custom.safetensors", state)
+  source = f"--checkpoint={tmp_path / 'custom.safetensors'}"
+  refused = run_cli(source, "--preset=tiny", "--mode=dense", f"--output={tmp_path / 'refused'}")
+  assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+  assert refused.stderr.startswith("error: the checkpoint's dim 48 matches no preset") and "--num_heads" in refused.stderr
+  assert not (tmp_path / "refused").exists()
+  done = run_cli(source, "--preset=tiny", "--mode=dense", "--num_heads=2", f"--output={tmp_path / 'inferred'}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  expected = wan_dit.infer_config(state, tiny(mode="dense"), num_heads=2)
+  assert checkpoints.read_record(tmp_path / "inferred", checkpoints.Kind.DIT).config == expected.to_dict()
+  (tmp_path / "model.json").write_text(json.dumps(expected.to_dict()))
+  done = run_cli(source, f"--config={tmp_path / 'model.json'}", f"--output={tmp_path / 'from_json'}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert checkpoints.read_record(tmp_path / "from_json").config == expected.to_dict()
+
+
+def test_command_line_vae_from_a_config_json_and_bad_input(tmp_path):
+  config = VAEConfig.from_preset("tiny")
+  (tmp_path / "vae.json").write_text(json.dumps(config.to_dict()))
+  done = run_cli("--kind=vae", f"--checkpoint={VAE}", f"--config={tmp_path / 'vae.json'}", f"--output={tmp_path / 'vae'}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert VAEConfig.from_dict(checkpoints.read_record(tmp_path / "vae", checkpoints.Kind.VAE).config) == config
+  (tmp_path / "bad.json").write_text(json.dumps({**config.to_dict(), "channels": 3}))
+  for flags, message in [
+      (["--kind=vae", f"--config={tmp_path / 'bad.json'}"], r"unknown VAEConfig field\(s\) \['channels'\]"),
+      (["--kind=vae", "--mode=dense"], "--mode: DiT-only"),
+      ([f"--config={tmp_path / 'vae.json'}", "--preset=tiny"], "drop --preset"),
+      (["--dtype=float64"], "flag --dtype=float64"),
+  ]:
+    refused = run_cli(f"--checkpoint={VAE}", f"--output={tmp_path / 'out'}", *flags)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert re.search(message, refused.stderr), (flags, refused.stderr)
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.json", "vae", "vae.json"]

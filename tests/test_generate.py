@@ -1,4 +1,4 @@
-"""experiments/generate.py and omnimem_jax/generate.py: the no-flag smoke run, a full run from a model
+"""experiments/generate.py and omnimem_jax/generation/: the no-flag smoke run, a full run from a model
 directory (DiT, VAE, umT5 and tokenizer checkpoints) with prompt switches and slot reuse, and bad input
 (one-line error, exit code 2, nothing written, before any weights load)."""
 
@@ -14,16 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omnimem_jax import generate
 from omnimem_jax.config import ModelConfig
 from omnimem_jax.convert import umt5, wan_dit, wan_vae
-from omnimem_jax.generate import GenerateError, GenerateOptions
+from omnimem_jax.generation import plan as planning
+from omnimem_jax.generation import run
+from omnimem_jax.generation.options import GenerateError, GenerateOptions
 from omnimem_jax.model.text import TextEncoderConfig
 from omnimem_jax.model.vae import VAEConfig
 from tests.configs import tiny
 
 ROOT = Path(__file__).parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
+PYTHONPATH = os.pathsep.join([str(ROOT), str(ROOT / "kernels")])  # the scripts import omnimem_jax and omnimem_kernels
 # In-process runs start ffmpeg after JAX's threads exist; the child execs at once (the script itself
 # starts ffmpeg first).
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
@@ -58,27 +60,27 @@ def model_dir(tmp_path_factory) -> Path:
 
 def test_lengths_round_up_to_whole_chunks():
   config = tiny()
-  assert [generate.video_frames_of_chunks(n, config) for n in (1, 2, 14)] == [9, 21, 165]
-  assert [generate.chunks_for_frames(f, config) for f in (1, 9, 10, 21, 22, 160)] == [1, 1, 2, 2, 3, 14]
-  assert generate.chunks_for_frames(4089, config) == config.max_chunks == 341  # 255.6 s, the longest video
+  assert [planning.video_frames_of_chunks(n, config) for n in (1, 2, 14)] == [9, 21, 165]
+  assert [planning.chunks_for_frames(f, config) for f in (1, 9, 10, 21, 22, 160)] == [1, 1, 2, 2, 3, 14]
+  assert planning.chunks_for_frames(4089, config) == config.max_chunks == 341  # 255.6 s, the longest video
 
 
 def test_latent_visualisation_follows_the_vae_frame_count():
   latents = np.random.default_rng(0).standard_normal((2, 4, 3, 2, 3)).astype(np.float32)
-  first = generate.visualise_latents(latents, first=True)
-  later = generate.visualise_latents(latents, first=False)
+  first = run.visualise_latents(latents, first=True)
+  later = run.visualise_latents(latents, first=False)
   assert first.shape == (2, 9, 16, 24, 3) and later.shape == (2, 12, 16, 24, 3) and first.dtype == np.uint8
   expected = np.round((np.clip(latents[1, :3, 2, 1, 2] / 3, -1, 1) + 1) * 127.5)
   np.testing.assert_array_equal(first[1, -1, 15, 23], expected)
-  assert generate.tile_batch(first).shape == (9, 16, 48, 3)
-  assert generate.visualise_latents(latents[:, :1], first=True)[0, 0, 0, 0].tolist() == [
+  assert run.tile_batch(first).shape == (9, 16, 48, 3)
+  assert run.visualise_latents(latents[:, :1], first=True)[0, 0, 0, 0].tolist() == [
       first[0, 0, 0, 0, 0]] * 3  # one channel: grey
 
 
 def test_no_flag_smoke_run(tmp_path, monkeypatch, capsys):
   """What `make demo` runs: defaults only; a labelled smoke run, a playable mp4 and the report."""
   monkeypatch.chdir(tmp_path)
-  report = generate.generate(GenerateOptions())
+  report = run.generate(GenerateOptions())
   out, err = capsys.readouterr()
   assert out.startswith("SMOKE RUN") and "SMOKE RUN" in out.splitlines()[-1] and "random text embedding" in out
   progress = [line for line in err.splitlines() if line.startswith("chunk ")]
@@ -111,7 +113,7 @@ def test_model_dir_prompt_switch_slot_reuse_and_latents(tmp_path, model_dir, cap
   options = GenerateOptions(model_dir=str(model_dir), prompt_file=str(prompts), num_frames=50, capacity_chunks=3,
                             recache_frames=2, output=str(tmp_path / "out/video.mp4"),
                             save_latents=str(tmp_path / "latents.npy"), report=str(tmp_path / "run.json"))
-  report = generate.generate(options)
+  report = run.generate(options)
   out = capsys.readouterr().out
   assert "SMOKE" not in out and "latent frame 3 (chunk 1)" in out and "dropping 2 chunks" in out
   assert not report["smoke"] and report["video"]["pixels"] == "vae" and report["video"]["frames"] == 57
@@ -134,9 +136,9 @@ def test_a_failed_run_leaves_an_existing_output_untouched(tmp_path, monkeypatch)
   def fail(plan):
     raise RuntimeError("interrupted")
 
-  monkeypatch.setattr(generate, "_prompt_embeddings", fail)  # fails after the mp4 writer has started
+  monkeypatch.setattr(run, "prompt_embeddings", fail)  # fails after the mp4 writer has started
   with pytest.raises(RuntimeError, match="interrupted"):
-    generate.generate(GenerateOptions(output=str(output), num_frames=9))
+    run.generate(GenerateOptions(output=str(output), num_frames=9))
   assert output.read_bytes() == b"previous video" and [p.name for p in tmp_path.iterdir()] == ["video.mp4"]
 
 
@@ -195,6 +197,8 @@ def _bad_input_cases(tmp: Path, model_dir: Path) -> list[tuple[dict, str]]:
       ({"mesh": "model=3"}, r"model axis \(3\) must divide the 4 heads"),
       ({"mesh": "data=2"}, r"data axis \(2\) must divide the batch \(1 prompts\)"),
       ({"batch_size": 0}, "--batch_size must be >= 1"),
+      ({"backends": "selection=cuda"}, r"--backends=selection=cuda: unknown selection backend\(s\) \['cuda'\]"),
+      ({"backends": "speed=fast"}, "--backends=speed=fast: backends must be op=name"),
   ]
 
 
@@ -204,10 +208,10 @@ def test_bad_input_is_refused_before_any_work(tmp_path, model_dir):
   for overrides, message in cases:
     options = GenerateOptions(**{"output": str(tmp_path / "out.mp4"), **overrides})
     if message is None:
-      generate.plan(options)
+      planning.plan(options)
       continue
     try:
-      generate.plan(options)
+      planning.plan(options)
     except GenerateError as err:
       assert re.search(message, str(err)), (overrides, str(err))
     else:
@@ -218,14 +222,14 @@ def test_bad_input_is_refused_before_any_work(tmp_path, model_dir):
 def test_omnimem_on_a_checkpoint_without_gates(tmp_path):
   path = _save_dit(tmp_path / "window", tiny(mode="window"))
   with pytest.raises(GenerateError, match="has no OmniMem gates .*--attention=window, or --init_missing_gates"):
-    generate.plan(GenerateOptions(checkpoint=str(path), attention="omnimem"))
-  assert generate.plan(GenerateOptions(checkpoint=str(path))).config.memory.mode == "window"
-  assert generate.plan(GenerateOptions(checkpoint=str(path), attention="omnimem", init_missing_gates=True))
+    planning.plan(GenerateOptions(checkpoint=str(path), attention="omnimem"))
+  assert planning.plan(GenerateOptions(checkpoint=str(path))).config.memory.mode == "window"
+  assert planning.plan(GenerateOptions(checkpoint=str(path), attention="omnimem", init_missing_gates=True))
 
 
 def test_cli_without_flags_runs_the_demo_checkpoint(tmp_path):
   """What `make demo` runs: the committed demo model, a playable mp4 and the report."""
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "PYTHONPATH": PYTHONPATH, "JAX_PLATFORMS": "cpu"}
   result = subprocess.run([sys.executable, str(ROOT / "experiments/generate.py")], check=False, capture_output=True,
                           text=True, cwd=tmp_path, env=env, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -238,27 +242,43 @@ def test_cli_without_flags_runs_the_demo_checkpoint(tmp_path):
     (["--checkpoint=/nonexistent/ckpt"], "error: --checkpoint=/nonexistent/ckpt does not exist"),
     (["--prompt=a dog", "--text_embeddings=x.npy"], "error: give one of --prompt"),
     (["--attention=sparse"], "error: flag --attention=sparse"),
+    (["--backends=dense=cuda"], "error: --backends=dense=cuda: unknown dense backend"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, flags, message):
   command = [sys.executable, str(ROOT / "experiments/generate.py"), *flags, f"--output={tmp_path / 'out.mp4'}"]
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "PYTHONPATH": PYTHONPATH, "JAX_PLATFORMS": "cpu"}
   result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
   assert result.returncode == 2, result.stderr
   assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith(message)
   assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_backends_reach_the_report(tmp_path):
+  """--backends on the tiny preset (CPU): the report records what was asked, the preference lists, and
+  what ran (the Triton kernels refuse a CPU outside interpret mode, so XLA runs every op)."""
+  command = [sys.executable, str(ROOT / "experiments/generate.py"), "--preset=tiny", "--num_frames=9",
+             "--backends=selection=triton+xla,topk=triton+xla,dense=xla", f"--output={tmp_path / 'out.mp4'}"]
+  env = {**os.environ, "PYTHONPATH": PYTHONPATH, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  backends = json.loads((tmp_path / "out.json").read_text())["backends"]
+  assert backends["requested"] == {"selection": ["triton", "xla"], "topk": ["triton", "xla"], "dense": "xla"}
+  assert backends["preferences"] == {"selection": ["triton", "xla"], "topk": ["triton", "xla"], "dense": ["xla"]}
+  used = backends["used"]  # op -> backends that ran (dense ops appear once they dispatch through omnimem_kernels)
+  assert used["selection_attention"] == used["block_topk"] == ["xla"] and all(names == ["xla"] for names in used.values())
+
+
 def test_sharded_batch_run(tmp_path):
   """--mesh data=2,model=2 --batch_size=2 on 4 fake devices: two videos side by side, heads over 2 devices."""
   options = GenerateOptions(output=str(tmp_path / "video.mp4"), num_frames=9, mesh="data=2,model=2", batch_size=2,
                             save_latents=str(tmp_path / "latents.npy"))
-  report = generate.generate(options)
+  report = run.generate(options)
   assert report["config"]["mesh"] == {"data": 2, "model": 2} and report["config"]["batch_size"] == 2
   latents = np.load(tmp_path / "latents.npy")
   assert latents.shape[0] == 2 and np.isfinite(latents).all() and not np.allclose(latents[0], latents[1])
 
 
 def test_report_paths_default_next_to_the_output(tmp_path):
-  plan = generate.plan(GenerateOptions(output=str(tmp_path / "clips/a.mp4"), seconds=1.0))
+  plan = planning.plan(GenerateOptions(output=str(tmp_path / "clips/a.mp4"), seconds=1.0))
   assert plan.report == tmp_path / "clips/a.json" and plan.num_chunks == 2 and plan.smoke
   assert plan.config.memory.capacity_chunks == 3  # full history, at least the sliding window

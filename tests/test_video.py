@@ -64,3 +64,14 @@ def test_missing_extra_is_explained(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
   with pytest.raises(ImportError, match=r"omnimem-jax\[video\]"):
     video.write_mp4(tmp_path / "a.mp4", _frames(2))
+
+
+def test_abort_and_no_frames_leave_the_existing_file(tmp_path):
+  pytest.importorskip("imageio_ffmpeg")
+  (tmp_path / "kept.mp4").write_bytes(b"previous video")
+  writer = video.Mp4Writer(tmp_path / "kept.mp4", height=32, width=48)
+  writer.write(_frames(2))
+  writer.abort()
+  with pytest.raises(ValueError, match="no frames"), video.Mp4Writer(tmp_path / "empty.mp4", height=32, width=48):
+    pass
+  assert [p.name for p in tmp_path.iterdir()] == ["kept.mp4"] and (tmp_path / "kept.mp4").read_bytes() == b"previous video"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -24,9 +25,9 @@ import numpy as np
 from flax import nnx
 
 from omnimem_jax import checkpoints
-from omnimem_jax.config import MemoryConfig, ModelConfig
+from omnimem_jax.config import PRESETS, MemoryConfig, ModelConfig
 from omnimem_jax.convert import state_dict as sd
-from omnimem_jax.model.wan import CausalWanModel, initial_gate_params
+from omnimem_jax.model.wan import GATE_ORDER, CausalWanModel, initial_gate_params
 
 _LOG = logging.getLogger(__name__)
 CHECKPOINT_KIND = checkpoints.Kind.DIT
@@ -136,6 +137,74 @@ def has_gates(state: Mapping[str, Any]) -> bool:
   return any(".self_attn.g_proj." in key for key in state)
 
 
+def gates_to_initialise(mode: str, has_gates: bool, *, allow: bool, source: str, remedy: str) -> bool:
+  """The rule "omnimem mode needs gates", for every caller (conversion, restore, generate's planning).
+
+  Args:
+    mode: the attention mode to run (`MemoryConfig.mode`); only "omnimem" reads the gates.
+    has_gates: whether the checkpoint holds the gate projections (`blocks.N.self_attn.g_proj`).
+    allow: let omnimem mode start from untrained gates when the checkpoint has none.
+    source: names the checkpoint in the error ("this checkpoint", a path or a flag).
+    remedy: what the caller's user can do instead (a baseline mode, the flag that sets `allow`).
+
+  Returns True when the gates must be initialised (omnimem mode, no gates, allowed: the output is not
+  meaningful until they are trained), False when nothing is missing; raises ValueError when the gates
+  are missing and not allowed.
+  """
+  if mode != "omnimem" or has_gates:
+    return False
+  if not allow:
+    raise ValueError(f"{source} has no OmniMem gates (blocks.N.self_attn.g_proj): it was not trained with OmniMem "
+                     f"and omnimem mode needs them; {remedy}")
+  return True
+
+
+def _shape(state: Mapping[str, Any], key: str) -> tuple[int, ...]:
+  if key not in state:
+    raise ValueError(f"cannot infer the DiT architecture: the state dict has no {key!r}")
+  return tuple(state[key].shape)
+
+
+def _num_heads(state: Mapping[str, Any], dim: int, base: ModelConfig, num_heads: int | None) -> int:
+  """`num_heads`, else the gates' rows / 3, else the head count of `base` or a preset of the same dim."""
+  if num_heads is not None:
+    return num_heads
+  if has_gates(state):
+    return _shape(state, "blocks.0.self_attn.g_proj.weight")[0] // len(GATE_ORDER)
+  presets = {name: factory() for name, factory in PRESETS.items()}
+  for name, config in (("the base config", base), *presets.items()):
+    if config.dim == dim:
+      _LOG.info("num_heads=%d from %s (dim %d)", config.num_heads, name, dim)
+      return config.num_heads
+  dims = ", ".join(f"{name}: {config.dim}" for name, config in presets.items())
+  raise ValueError(f"the checkpoint's dim {dim} matches no preset ({dims}) and weight shapes cannot tell the number "
+                   "of attention heads (q, k, v and their norms span all heads): give num_heads (--num_heads), "
+                   "or the whole ModelConfig (--config JSON)")
+
+
+def infer_config(state: Mapping[str, Any], base: ModelConfig, num_heads: int | None = None) -> ModelConfig:
+  """The ModelConfig a DiT state dict describes (prefix-stripped and LoRA-merged; either layout).
+
+  The weight shapes give dim, ffn_dim, num_layers, in / out channels, the patch size, text_dim and
+  freq_dim. They cannot give the number of attention heads, except through OmniMem gates
+  (`[3 * num_heads, dim]`): `num_heads` when given, else the gates, else the head count of `base` or
+  of a preset with the same dim; otherwise a ValueError says to give it. Every field the weights do
+  not hold (token geometry, text length, RoPE, fps, memory settings) comes from `base`.
+  """
+  state = to_original_names(state)
+  dim, in_channels, *patch_size = _shape(state, "patch_embedding.weight")
+  layers = {int(match[1]) for key in state if (match := re.match(r"blocks\.(\d+)\.", key))}
+  if not layers:
+    raise ValueError("cannot infer the DiT architecture: the state dict has no blocks.N.* tensors")
+  head_rows = _shape(state, "head.head.weight")[0]
+  fields = {"dim": dim, "ffn_dim": _shape(state, "blocks.0.ffn.0.weight")[0], "num_layers": max(layers) + 1,
+            "in_channels": in_channels, "out_channels": head_rows // math.prod(patch_size),
+            "patch_size": tuple(patch_size), "text_dim": _shape(state, "text_embedding.0.weight")[1],
+            "freq_dim": _shape(state, "time_embedding.0.weight")[1],
+            "num_heads": _num_heads(state, dim, base, num_heads)}
+  return dataclasses.replace(base, **fields)
+
+
 def _abstract_params(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
   """Dotted model parameter path -> abstract array, from the model built abstractly."""
   model = nnx.eval_shape(lambda: CausalWanModel(config, rngs=nnx.Rngs(0)))
@@ -168,13 +237,12 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig, *, 
   wants_gates = config.memory.mode == "omnimem"
   if has_gates(state) and not wants_gates:
     _LOG.warning("the checkpoint has OmniMem gates (self_attn.g_proj); %s mode does not use them, so they are "
-                    "dropped", config.memory.mode)
+                 "dropped", config.memory.mode)
     state = {key: value for key, value in state.items() if ".self_attn.g_proj." not in key}
-  fill_gates = wants_gates and not has_gates(state)
-  if fill_gates and not init_gates:
-    raise ValueError("this checkpoint has no OmniMem gates (blocks.N.self_attn.g_proj): it was not trained with "
-                     "OmniMem. Convert it for a baseline mode (--mode=window, sink_window or dense), or pass "
-                     "init_gates=True (--init_gates) to start omnimem mode from untrained gates.")
+  fill_gates = gates_to_initialise(
+      config.memory.mode, has_gates(state), allow=init_gates, source="this checkpoint",
+      remedy="convert it for a baseline mode (--mode=window, sink_window or dense), or pass init_gates=True "
+             "(--init_gates) to start omnimem mode from untrained gates")
 
   abstract = _abstract_params(config)
   load_gates = wants_gates and not fill_gates
@@ -202,16 +270,23 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig, *, 
   return sd.nest(flat), notes
 
 
-def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, config: ModelConfig, *,
+def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
+                       config: ModelConfig | Callable[[sd.StateDict], ModelConfig], *,
                        lora: str | os.PathLike | None = None, lora_scale: float = 1.0, dtype: Any = jnp.bfloat16,
                        init_gates: bool = False, overwrite: bool = False) -> Path:
   """Reads a PyTorch-world DiT checkpoint (plus an optional separate LoRA file), converts it for
-  `config` and writes an Orbax checkpoint to `output`. Returns the output path."""
+  `config` and writes an Orbax checkpoint to `output`. Returns the output path.
+
+  `config` is the model the weights are for, or a function of the (LoRA-merged) state dict that
+  returns it, e.g. `lambda state: infer_config(state, base)` for an architecture read from the shapes.
+  """
   checkpoints.check_conversion_paths([checkpoint, lora], output, overwrite=overwrite)
   state = sd.load_state_dict(checkpoint)
   if lora is not None:
     state.update(sd.load_state_dict(lora))
   state = sd.merge_lora(state, lora_scale)
+  if not isinstance(config, ModelConfig):
+    config = config(state)
   params, notes = convert_state_dict(state, config, dtype=dtype, init_gates=init_gates)
   record = checkpoints.CheckpointRecord(
       kind=CHECKPOINT_KIND, config=config.to_dict(), param_dtype=jnp.dtype(dtype).name,
@@ -238,12 +313,12 @@ def restore_model(directory: str | os.PathLike, *, memory: MemoryConfig | None =
     config = dataclasses.replace(config, memory=memory)
   param_dtype = record.param_dtype if param_dtype is None else param_dtype
   wants_gates, saved_gates = config.memory.mode == "omnimem", bool(record.has_gates)
-  if wants_gates and record.gates_initialised:
-    _LOG.warning(GATE_WARNING)
-  if wants_gates and not saved_gates and not init_missing_gates:
-    raise ValueError(f"{directory} has no OmniMem gates (converted for {record.config['memory']['mode']} mode); "
-                     "run it in that mode, or pass init_missing_gates=True to start from untrained gates")
-  if wants_gates and not saved_gates:
+  saved_mode = record.config["memory"]["mode"]
+  init_gates = gates_to_initialise(
+      config.memory.mode, saved_gates, allow=init_missing_gates, source=str(directory),
+      remedy=f"it was converted for {saved_mode} mode: run it in that mode, or pass init_missing_gates=True to start "
+             "from untrained gates")
+  if init_gates or (wants_gates and record.gates_initialised):
     _LOG.warning(GATE_WARNING)
   if saved_gates and not wants_gates:
     _LOG.warning("ignoring the checkpoint's OmniMem gates in %s mode", config.memory.mode)
@@ -254,5 +329,5 @@ def restore_model(directory: str | os.PathLike, *, memory: MemoryConfig | None =
 
   return checkpoints.restore_module(
       directory, lambda: CausalWanModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype), mesh=mesh,
-      fill_missing=fill_gates if wants_gates and not saved_gates else None,
+      fill_missing=fill_gates if init_gates else None,
       ignore=(lambda path: "g_proj" in path) if saved_gates and not wants_gates else None)

@@ -1,6 +1,6 @@
 """Wan 2.1 VAE weights -> `omnimem_jax.model.vae.WanVAE` parameters.
 
-Two source layouts (wan-base-model.md section 3.5), both detected from the key names:
+Two source layouts (docs/architecture.md, 'The Wan2.1 models'), both detected from the key names:
 
   diffusers  `vae/diffusion_pytorch_model.safetensors` of `AutoencoderKLWan` (what the official
              OmniMem code loads): `decoder.up_blocks.{i}.resnets.{j}.conv1.weight`, ...

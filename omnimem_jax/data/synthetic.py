@@ -19,8 +19,12 @@ start (`first_frame`), and `revisit_schedule(num_frames)` says which frame each 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+
+from omnimem_jax.config import checked_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,11 @@ class WorldConfig:
                        f"got {self.world_width}")
     if not self.smoothness >= 0:
       raise ValueError(f"invalid WorldConfig field 'smoothness': must be >= 0, got {self.smoothness}")
+
+  @classmethod
+  def from_dict(cls, fields: Mapping[str, Any]) -> WorldConfig:
+    """A config from `dataclasses.asdict` output (e.g. a training record); unknown fields are an error."""
+    return cls(**checked_fields(cls, fields))
 
   @property
   def period(self) -> int:

@@ -20,12 +20,13 @@ The tokenizer is read from a directory the user points to (e.g. Wan2.1's `google
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
+
+from omnimem_jax.config import build_preset, checked_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,24 +83,24 @@ class TextEncoderConfig:
 
   @classmethod
   def from_preset(cls, name: str, **overrides: Any) -> TextEncoderConfig:
-    """"umt5-xxl" (Wan's text encoder, bf16) or "tiny" (tests, f32), with fields replaced."""
-    presets = {
-        "umt5-xxl": {},
-        "tiny": {"vocab_size": 64, "dim": 32, "num_heads": 4, "head_dim": 8, "ffn_dim": 48, "num_layers": 2,
-                 "num_buckets": 8, "max_distance": 16, "text_len": 16, "dtype": "float32",
-                 "param_dtype": "float32"},
-    }
-    if name not in presets:
-      raise ValueError(f"unknown text encoder preset {name!r}; choose from {sorted(presets)}")
-    return cls(**{**presets[name], **overrides})
+    """A named preset (`PRESETS`) with fields replaced by `overrides` (validated again)."""
+    return build_preset(PRESETS, name, cls.__name__, overrides)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, record: dict[str, Any]) -> TextEncoderConfig:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{key: value for key, value in record.items() if key in fields})
+  def from_dict(cls, fields: Mapping[str, Any]) -> TextEncoderConfig:
+    """A config from `to_dict` output (e.g. a checkpoint's JSON); unknown fields are an error."""
+    return cls(**checked_fields(cls, fields))
+
+
+PRESETS: dict[str, Callable[..., TextEncoderConfig]] = {
+    "umt5-xxl": TextEncoderConfig,  # Wan's text encoder, bf16
+    "tiny": functools.partial(TextEncoderConfig, vocab_size=64, dim=32, num_heads=4, head_dim=8, ffn_dim=48,
+                              num_layers=2, num_buckets=8, max_distance=16, text_len=16, dtype="float32",
+                              param_dtype="float32"),  # tests, float32
+}
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:

@@ -29,9 +29,10 @@ Wan 2.1 latent statistics (what the DiT consumes and produces). Parameters carry
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -39,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, UInt8
+
+from omnimem_jax.config import build_preset, checked_fields
 
 # Per-channel statistics of Wan 2.1 latents (WanVAE.__init__, diffusers latents_mean / latents_std).
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
@@ -111,24 +114,23 @@ class VAEConfig:
 
   @classmethod
   def from_preset(cls, name: str, **overrides: Any) -> VAEConfig:
-    """"wan2.1" (the released Wan2.1_VAE) or "tiny" (tests), with fields replaced by `overrides`."""
-    presets = {
-        "wan2.1": {},
-        "tiny": {"base_dim": 4, "z_dim": 4, "latents_mean": (0.1, -0.2, 0.3, 0.05),
-                 "latents_std": (1.5, 0.8, 1.2, 2.0)},
-    }
-    if name not in presets:
-      raise ValueError(f"unknown VAE preset {name!r}; choose from {sorted(presets)}")
-    return cls(**{**presets[name], **overrides})
+    """A named preset (`PRESETS`) with fields replaced by `overrides` (validated again)."""
+    return build_preset(PRESETS, name, cls.__name__, overrides)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, record: dict[str, Any]) -> VAEConfig:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{key: tuple(value) if isinstance(value, list) else value
-                  for key, value in record.items() if key in fields})
+  def from_dict(cls, fields: Mapping[str, Any]) -> VAEConfig:
+    """A config from `to_dict` output (e.g. a checkpoint's JSON); unknown fields are an error."""
+    return cls(**checked_fields(cls, fields))
+
+
+PRESETS: dict[str, Callable[..., VAEConfig]] = {
+    "wan2.1": VAEConfig,  # the released Wan2.1_VAE
+    "tiny": functools.partial(VAEConfig, base_dim=4, z_dim=4, latents_mean=(0.1, -0.2, 0.3, 0.05),
+                              latents_std=(1.5, 0.8, 1.2, 2.0)),  # tests
+}
 
 
 def _param(rngs: nnx.Rngs, init: Callable[..., jax.Array], shape: Sequence[int], dtype: Any,

@@ -1,0 +1,430 @@
+"""Validation and planning of a generation run: every flag, file and combination is checked before any
+weights load (only JSON checkpoint records, .npy headers and the prompt file are read), and the run is
+resolved into a `Plan`: paths, the model config, the length in chunks, the conditioning, the outputs.
+Any bad input raises `GenerateError` with a one-line message."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+from omnimem_kernels.backends import Backends
+
+from omnimem_jax import checkpoints
+from omnimem_jax.config import ATTENTION_MODES, PRESETS, ModelConfig
+from omnimem_jax.convert import wan_dit
+from omnimem_jax.generation.options import (DEFAULT_PRESET, DEFAULT_SECONDS, MODEL_DIR_LAYOUT, GenerateError,
+                                            GenerateOptions, PromptSwitch)
+from omnimem_jax.model.vae import VAEConfig
+
+LATENT_PIXEL_SCALE = 8  # the latent visualisation's upsampling (as the Wan VAE's spatial compression)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A validated run: resolved paths, the model config, the length in chunks, the conditioning."""
+
+  options: GenerateOptions
+  config: ModelConfig
+  checkpoint: Path | None
+  vae: Path | None
+  text_encoder: Path | None
+  tokenizer: Path | None
+  conditioning: str  # "prompt", "text_embeddings" or "random_embedding"
+  prompts: tuple[PromptSwitch, ...]
+  batch_size: int
+  mesh: dict[str, int] | None  # ("data", "model") axis sizes, or None for one device
+  backends: Backends  # the kernel backend of each op (None fields: per-platform defaults)
+  num_chunks: int
+  requested_frames: int
+  output: Path
+  report: Path
+  latents: Path | None
+  pixel_scale: int  # video pixels per latent pixel (the VAE's spatial compression; 8 for the visualisation)
+  notes: tuple[str, ...]
+
+  @property
+  def smoke(self) -> bool:
+    """Random DiT weights: the run tests the pipeline only."""
+    return self.checkpoint is None
+
+  @property
+  def frames(self) -> int:
+    return video_frames_of_chunks(self.num_chunks, self.config)
+
+  @property
+  def height(self) -> int:
+    return self.config.latent_height * self.pixel_scale
+
+  @property
+  def width(self) -> int:
+    """Width of the mp4: a batch is tiled side by side."""
+    return self.config.latent_width * self.pixel_scale * self.batch_size
+
+  @property
+  def recache_chunks(self) -> int:
+    return self.options.recache_frames // self.config.memory.frames_per_chunk
+
+
+# ---- lengths ---------------------------------------------------------------------------------------
+
+
+def video_frames_of_chunks(num_chunks: int, config: ModelConfig) -> int:
+  """Video frames of `num_chunks` chunks: 4 (latent frames - 1) + 1 (chunk 0 gives 9, later ones 12)."""
+  latent_frames = num_chunks * config.memory.frames_per_chunk
+  return config.vae_temporal_stride * (latent_frames - 1) + 1
+
+
+def chunks_for_frames(frames: int, config: ModelConfig) -> int:
+  """Fewest chunks whose video holds at least `frames` frames."""
+  first = video_frames_of_chunks(1, config)
+  later = config.vae_temporal_stride * config.memory.frames_per_chunk
+  return 1 + max(0, math.ceil((frames - first) / later))
+
+
+def architecture(config: ModelConfig) -> dict[str, Any]:
+  """The config without its memory settings (which a run may change)."""
+  fields = config.to_dict()
+  fields.pop("memory")
+  return fields
+
+
+# ---- single checks ---------------------------------------------------------------------------------
+
+
+def _fail(message: str) -> NoReturn:
+  raise GenerateError(message)
+
+
+def _existing_dir(path: str, flag: str) -> Path:
+  directory = Path(path)
+  if not directory.exists():
+    _fail(f"{flag}={path} does not exist")
+  if not directory.is_dir():
+    _fail(f"{flag}={path} is not a directory")
+  return directory
+
+
+def _record(path: str, flag: str, kind: checkpoints.Kind) -> tuple[Path, checkpoints.CheckpointRecord]:
+  """A converted checkpoint's JSON record, refusing a missing directory or one of another kind."""
+  directory = _existing_dir(path, flag)
+  try:
+    return directory, checkpoints.read_record(directory, kind)
+  except (OSError, ValueError) as err:
+    raise GenerateError(f"{flag}: {err}") from err
+
+
+def _writable_file(path: str, flag: str, suffix: str) -> Path:
+  """Checks that `path` can be written (its nearest existing ancestor is a writable directory)."""
+  target = Path(path)
+  if target.suffix.lower() != suffix:
+    _fail(f"{flag}={path} must end in {suffix}")
+  if target.is_dir():
+    _fail(f"{flag}={path} is a directory")
+  ancestor = target.parent
+  while not ancestor.exists():
+    ancestor = ancestor.parent
+  if not ancestor.is_dir():
+    _fail(f"{flag}={path} cannot be written: {ancestor} is not a directory")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    _fail(f"{flag}={path} cannot be written: no write permission in {ancestor}")
+  return target
+
+
+def read_prompt_file(path: str, frames_per_chunk: int) -> tuple[list[PromptSwitch], list[str]]:
+  """Parses `latent_frame: prompt` lines (blank lines and '#' comments skipped); returns the switches
+  and notes about frames rounded down to a chunk boundary."""
+  file = Path(path)
+  if not file.is_file():
+    _fail(f"--prompt_file={path} does not exist")
+  switches: list[PromptSwitch] = []
+  notes = []
+  for number, line in enumerate(file.read_text().splitlines(), start=1):
+    if not line.strip() or line.lstrip().startswith("#"):
+      continue
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\S.*?)\s*", line)
+    if match is None:
+      _fail(f"--prompt_file={path} line {number}: expected 'latent_frame: prompt', got {line.strip()!r}")
+    frame, text = int(match.group(1)), match.group(2)
+    chunk = frame // frames_per_chunk
+    if switches and chunk <= switches[-1].chunk:
+      _fail(f"--prompt_file={path} line {number}: latent frame {frame} (chunk {chunk}) must come after the "
+            f"previous prompt's chunk {switches[-1].chunk}; prompts switch at chunk boundaries of "
+            f"{frames_per_chunk} latent frames")
+    if frame % frames_per_chunk:
+      notes.append(f"prompt at latent frame {frame} starts at the chunk boundary, latent frame "
+                   f"{chunk * frames_per_chunk} (chunk {chunk})")
+    switches.append(PromptSwitch(frame, chunk, text))
+  if not switches:
+    _fail(f"--prompt_file={path} holds no 'latent_frame: prompt' line")
+  if switches[0].latent_frame != 0:
+    _fail(f"--prompt_file={path}: the first prompt must start at latent frame 0, got {switches[0].latent_frame}")
+  return switches, notes
+
+
+def _embedding_batch(path: str, config: ModelConfig) -> int:
+  """Batch size of a text-embeddings .npy ([tokens, text_dim] or [B, tokens, text_dim]), read from its
+  header only."""
+  file = Path(path)
+  if not file.is_file():
+    _fail(f"--text_embeddings={path} does not exist")
+  try:
+    array = np.load(file, mmap_mode="r", allow_pickle=False)
+  except (OSError, ValueError, EOFError) as err:
+    raise GenerateError(f"--text_embeddings={path} is not a readable .npy array: {err}") from err
+  shape = array.shape
+  if len(shape) not in (2, 3) or shape[-1] != config.text_dim or not 1 <= shape[-2] <= config.text_len or (
+      len(shape) == 3 and shape[0] < 1):
+    _fail(f"--text_embeddings={path} has shape {list(shape)}; expected [tokens, {config.text_dim}] or "
+          f"[batch, tokens, {config.text_dim}] with 1 <= tokens <= {config.text_len} (text-encoder output)")
+  if not np.issubdtype(array.dtype, np.floating):
+    _fail(f"--text_embeddings={path} has dtype {array.dtype}; expected floating point")
+  return 1 if len(shape) == 2 else shape[0]
+
+
+def _length(options: GenerateOptions, config: ModelConfig) -> tuple[int, int]:
+  """(requested video frames, chunks), refusing lengths past the RoPE table."""
+  if options.seconds is not None and options.num_frames is not None:
+    _fail("give --seconds or --num_frames, not both")
+  if options.num_frames is not None:
+    if options.num_frames < 1:
+      _fail(f"--num_frames must be >= 1, got {options.num_frames}")
+    frames, asked = options.num_frames, f"--num_frames={options.num_frames}"
+  else:
+    seconds = DEFAULT_SECONDS if options.seconds is None else options.seconds
+    if not seconds > 0:
+      _fail(f"--seconds must be > 0, got {seconds}")
+    frames, asked = math.ceil(seconds * config.fps - 1e-9), f"--seconds={seconds:g}"
+  num_chunks = chunks_for_frames(frames, config)
+  if num_chunks > config.max_chunks:
+    longest = video_frames_of_chunks(config.max_chunks, config)
+    _fail(f"{asked} needs {num_chunks} chunks ({num_chunks * config.memory.frames_per_chunk} latent frames), past "
+          f"the RoPE horizon of {config.rope_max_frames} latent frames ({config.max_video_seconds:.1f} s); the "
+          f"longest video is {config.max_chunks} chunks = {longest} frames ({longest / config.fps:.1f} s)")
+  return frames, num_chunks
+
+
+def _mesh(text: str, config: ModelConfig, batch_size: int) -> dict[str, int]:
+  """--mesh parsed and checked against the visible devices, the heads and the batch."""
+  from omnimem_jax import sharding  # noqa: PLC0415 (starts JAX's backends: only when a mesh is asked for)
+
+  try:
+    sizes = sharding.parse_mesh(text)
+    sharding.make_mesh(sizes["data"], sizes["model"], config=config, batch_size=batch_size)
+  except ValueError as err:
+    _fail(f"--mesh={text}: {err}")
+  return sizes
+
+
+def _backends(text: str | None) -> Backends:
+  """--backends parsed (`Backends.parse`): known ops and backend names only."""
+  try:
+    return Backends() if text is None else Backends.parse(text)
+  except ValueError as err:
+    raise GenerateError(f"--backends={text}: {err}") from err
+
+
+# ---- the parts of a plan ---------------------------------------------------------------------------
+
+
+def _model_paths(options: GenerateOptions) -> dict[str, str | None]:
+  """The checkpoint, VAE, text encoder and tokenizer paths: the flags, filled from --model_dir."""
+  fill = dict.fromkeys(MODEL_DIR_LAYOUT)
+  if options.model_dir is not None:
+    model_dir = _existing_dir(options.model_dir, "--model_dir")
+    if not (model_dir / MODEL_DIR_LAYOUT["checkpoint"]).is_dir():
+      _fail(f"--model_dir={options.model_dir} has no {MODEL_DIR_LAYOUT['checkpoint']}/ (the converted DiT); "
+            f"expected subdirectories {', '.join(d + '/' for d in MODEL_DIR_LAYOUT.values())}")
+    fill = {name: str(model_dir / sub) if (model_dir / sub).is_dir() else None
+            for name, sub in MODEL_DIR_LAYOUT.items()}
+  return {name: getattr(options, name) or fill[name] for name in MODEL_DIR_LAYOUT}
+
+
+def _check_flags(options: GenerateOptions, paths: dict[str, str | None]) -> None:
+  """Conflicting or incomplete flags."""
+  given = [flag for flag in ("prompt", "prompt_file", "text_embeddings") if getattr(options, flag) is not None]
+  if len(given) > 1:
+    _fail(f"give one of --prompt, --prompt_file, --text_embeddings, not {' and '.join('--' + g for g in given)}")
+  wants_text = options.prompt is not None or options.prompt_file is not None
+  if options.prompt is not None and not options.prompt.strip():
+    _fail("--prompt is empty")
+  if wants_text and (paths["text_encoder"] is None or paths["tokenizer"] is None):
+    _fail("--prompt and --prompt_file need a text encoder: give --text_encoder and --tokenizer (or --model_dir); "
+          "or pass precomputed --text_embeddings")
+  if not wants_text and (options.text_encoder is not None or options.tokenizer is not None):
+    _fail("--text_encoder / --tokenizer are only used with --prompt or --prompt_file")
+  if options.recache_frames < 0:
+    _fail(f"--recache_frames must be >= 0, got {options.recache_frames}")
+  if options.dtype not in (None, "float32", "bfloat16"):
+    _fail(f"--dtype={options.dtype} is unknown; choose float32 or bfloat16")
+  if options.batch_size is not None and options.batch_size < 1:
+    _fail(f"--batch_size must be >= 1, got {options.batch_size}")
+
+
+def _base_config(options: GenerateOptions, checkpoint: Path | None, record: checkpoints.CheckpointRecord | None
+                 ) -> ModelConfig:
+  """The checkpoint's config (refusing a different --preset), or the preset's for random weights."""
+  if options.preset is not None and options.preset not in PRESETS:
+    _fail(f"--preset={options.preset} is unknown; choose one of {sorted(PRESETS)}")
+  if record is None:
+    return ModelConfig.from_preset(options.preset or DEFAULT_PRESET)
+  try:
+    config = ModelConfig.from_dict(record.config)
+  except (KeyError, TypeError, ValueError) as err:
+    raise GenerateError(f"--checkpoint={checkpoint} holds an unreadable model config: {err}") from err
+  if options.preset is not None:
+    saved, wanted = architecture(config), architecture(ModelConfig.from_preset(options.preset))
+    differ = [f"{name} {saved[name]} != {wanted[name]}" for name in saved if saved[name] != wanted[name]]
+    if differ:
+      _fail(f"--checkpoint={checkpoint} is not a {options.preset} checkpoint ({', '.join(differ[:4])}); "
+            "drop --preset (the checkpoint's config is used) or pick the matching checkpoint")
+  return config
+
+
+def _with_memory_flags(options: GenerateOptions, config: ModelConfig, num_chunks: int) -> ModelConfig:
+  """`config` with the attention and memory flags applied; capacity defaults to the whole video."""
+  if options.attention is not None and options.attention not in ATTENTION_MODES:
+    _fail(f"--attention={options.attention} is unknown; choose one of {list(ATTENTION_MODES)}")
+  overrides = {name: getattr(options, name) for name in ("top_k", "window_chunks", "exclude_window_chunks",
+                                                         "group_size") if getattr(options, name) is not None}
+  if options.attention is not None:
+    overrides["mode"] = options.attention
+  try:
+    memory = dataclasses.replace(config.memory, **overrides)
+    capacity = (max(num_chunks, memory.min_capacity_chunks) if options.capacity_chunks is None
+                else options.capacity_chunks)
+    return dataclasses.replace(config, memory=dataclasses.replace(memory, capacity_chunks=capacity))
+  except ValueError as err:
+    raise GenerateError(f"memory flags: {err}") from err
+
+
+def _dit(options: GenerateOptions, path: str | None) -> tuple[Path | None, ModelConfig, int, int, list[str]]:
+  """(checkpoint, the config to run, requested frames, chunks, notes): the DiT's record read, the length
+  and the memory flags applied, the gates rule checked."""
+  checkpoint = record = None
+  if path is not None:
+    checkpoint, record = _record(path, "--checkpoint", checkpoints.Kind.DIT)
+  base = _base_config(options, checkpoint, record)
+  requested_frames, num_chunks = _length(options, base)
+  config = _with_memory_flags(options, base, num_chunks)
+  notes = []
+  if record is not None:
+    saved_mode = record.config["memory"]["mode"]
+    try:
+      if wan_dit.gates_to_initialise(config.memory.mode, bool(record.has_gates), allow=options.init_missing_gates,
+                                     source=f"--checkpoint={path}",
+                                     remedy=f"it was converted for {saved_mode} mode: pass --attention={saved_mode}, "
+                                            "or --init_missing_gates to start omnimem mode from untrained gates"):
+        notes.append("--init_missing_gates: the OmniMem gates start untrained; omnimem-mode output is not meaningful")
+    except ValueError as err:
+      raise GenerateError(str(err)) from err
+  return checkpoint, config, requested_frames, num_chunks, notes
+
+
+def _vae(path: str | None, config: ModelConfig) -> tuple[Path | None, int]:
+  """(VAE checkpoint, video pixels per latent pixel); a VAE must decode the DiT's latent channels."""
+  if path is None:
+    return None, LATENT_PIXEL_SCALE
+  vae, record = _record(path, "--vae", checkpoints.Kind.VAE)
+  try:
+    vae_config = VAEConfig.from_dict(record.config)
+  except (KeyError, TypeError, ValueError) as err:
+    raise GenerateError(f"--vae={path} holds an unreadable VAE config: {err}") from err
+  if vae_config.z_dim != config.out_channels:
+    _fail(f"--vae={path} has {vae_config.z_dim} latent channels but the DiT makes {config.out_channels}")
+  return vae, vae_config.spatial_compression
+
+
+def _text(paths: dict[str, str | None], config: ModelConfig) -> tuple[Path, Path]:
+  """(text encoder checkpoint, tokenizer directory), checked against the DiT's text input."""
+  text_encoder, record = _record(paths["text_encoder"], "--text_encoder", checkpoints.Kind.TEXT_ENCODER)
+  text_dim, text_len = record.config.get("dim"), record.config.get("text_len")
+  if text_dim != config.text_dim or text_len is None or text_len > config.text_len:
+    _fail(f"--text_encoder={paths['text_encoder']} gives [{text_len}, {text_dim}] embeddings; the DiT takes "
+          f"up to {config.text_len} tokens of width {config.text_dim}")
+  tokenizer = _existing_dir(paths["tokenizer"], "--tokenizer")
+  if not ((tokenizer / "tokenizer.json").is_file() or (tokenizer / "spiece.model").is_file()):
+    _fail(f"--tokenizer={paths['tokenizer']} holds neither tokenizer.json nor spiece.model")
+  return text_encoder, tokenizer
+
+
+def _conditioning(options: GenerateOptions, config: ModelConfig, num_chunks: int
+                  ) -> tuple[str, list[PromptSwitch], int, list[str]]:
+  """(conditioning kind, prompt switches, batch size, notes); the batch: --batch_size, else the
+  embeddings' batch, else 1."""
+  notes: list[str] = []
+  batch_size = 1
+  if options.prompt_file is not None:
+    prompts, notes = read_prompt_file(options.prompt_file, config.memory.frames_per_chunk)
+    if prompts[-1].chunk >= num_chunks:
+      _fail(f"--prompt_file={options.prompt_file}: the prompt at latent frame {prompts[-1].latent_frame} starts "
+            f"after the video ends ({num_chunks} chunks = {num_chunks * config.memory.frames_per_chunk} latent "
+            "frames)")
+    conditioning = "prompt"
+  elif options.prompt is not None:
+    prompts, conditioning = [PromptSwitch(0, 0, options.prompt)], "prompt"
+  elif options.text_embeddings is not None:
+    prompts, conditioning = [], "text_embeddings"
+    batch_size = _embedding_batch(options.text_embeddings, config)
+  else:
+    prompts, conditioning = [], "random_embedding"
+    notes.append(f"no prompt: the conditioning is a random text embedding drawn from seed {options.seed}")
+  if options.batch_size is not None:
+    if batch_size > 1 and options.batch_size != batch_size:
+      _fail(f"--batch_size={options.batch_size} contradicts --text_embeddings, which holds a batch of {batch_size}")
+    batch_size = options.batch_size
+  return conditioning, prompts, batch_size, notes
+
+
+def _outputs(options: GenerateOptions) -> tuple[Path, Path, Path | None]:
+  """(mp4, report, latents or None): writable, distinct files."""
+  output = _writable_file(options.output, "--output", ".mp4")
+  report = _writable_file(options.report or str(output.with_suffix(".json")), "--report", ".json")
+  latents = None if options.save_latents is None else _writable_file(options.save_latents, "--save_latents", ".npy")
+  named = [output, report] + ([latents] if latents else [])
+  if len({path.resolve() for path in named}) < len(named):
+    _fail(f"--output, --report and --save_latents must be different files, got {', '.join(map(str, named))}")
+  return output, report, latents
+
+
+def _notes(plan: Plan) -> tuple[str, ...]:
+  """The plan's notes with what the run will round, drop or show instead (the smoke label first)."""
+  config, notes = plan.config, list(plan.notes)
+  if plan.frames != plan.requested_frames:
+    notes.append(f"{plan.requested_frames} frames requested: rounded up to {plan.num_chunks} whole chunks = "
+                 f"{plan.frames} frames ({plan.frames / config.fps:.2f} s; chunk 0 gives 9 frames, every later "
+                 "chunk 12)")
+  if config.memory.capacity_chunks < plan.num_chunks:
+    notes.append(f"capacity {config.memory.capacity_chunks} chunks < {plan.num_chunks} chunks: the KV store reuses "
+                 f"slots, dropping {plan.num_chunks - config.memory.capacity_chunks} chunks from memory")
+  if plan.vae is None:
+    notes.append("no VAE: the video shows latent channels 0-2 over [-3, 3], upsampled 8x in space and 4x in time")
+  if plan.smoke:
+    notes.insert(0, f"SMOKE RUN: random weights ({plan.options.preset or DEFAULT_PRESET} preset), no checkpoint: "
+                    "this tests the pipeline; the pictures mean nothing")
+  return tuple(notes)
+
+
+def plan(options: GenerateOptions) -> Plan:
+  """Validates every flag, file and combination without loading weights; raises GenerateError."""
+  paths = _model_paths(options)
+  _check_flags(options, paths)
+  backends = _backends(options.backends)
+  checkpoint, config, requested_frames, num_chunks, dit_notes = _dit(options, paths["checkpoint"])
+  vae, pixel_scale = _vae(paths["vae"], config)
+  wants_text = options.prompt is not None or options.prompt_file is not None
+  text_encoder, tokenizer = _text(paths, config) if wants_text else (None, None)
+  conditioning, prompts, batch_size, notes = _conditioning(options, config, num_chunks)
+  mesh = None if options.mesh is None else _mesh(options.mesh, config, batch_size)
+  output, report, latents = _outputs(options)
+  validated = Plan(options=options, config=config, checkpoint=checkpoint, vae=vae, text_encoder=text_encoder,
+                   tokenizer=tokenizer, conditioning=conditioning, prompts=tuple(prompts), batch_size=batch_size,
+                   mesh=mesh, backends=backends, num_chunks=num_chunks, requested_frames=requested_frames,
+                   output=output, report=report, latents=latents, pixel_scale=pixel_scale,
+                   notes=(*dit_notes, *notes))
+  return dataclasses.replace(validated, notes=_notes(validated))
