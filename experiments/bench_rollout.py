@@ -56,11 +56,12 @@ def video_frames(chunks: int, frames_per_chunk: int = 3, temporal_stride: int = 
 
 
 def bench_config(mode: str, chunks: int) -> ModelConfig:
+  """The preset in `mode`: full history (capacity = chunks), or for window / sink_window only the
+  chunks they read (pinned + recent)."""
   base = ModelConfig.from_preset(_PRESET.value)
-  memory = dataclasses.replace(base.memory, mode=mode, capacity_chunks=chunks)
-  if mode in ("window", "sink_window"):
-    memory = dataclasses.replace(memory, capacity_chunks=memory.min_capacity_chunks)
-  return dataclasses.replace(base, memory=memory)
+  memory = dataclasses.replace(base.memory, mode=mode, capacity_chunks=max(chunks, base.memory.capacity_chunks))
+  capacity = memory.min_capacity_chunks if mode in ("window", "sink_window") else chunks
+  return dataclasses.replace(base, memory=dataclasses.replace(memory, capacity_chunks=capacity))
 
 
 def run_mode(mode: str, chunks: int, backends: Backends) -> dict:

@@ -30,11 +30,12 @@ def git_head() -> str | None:
     return None
 
 
-def check_header(record: dict, expected_flags: dict, backends: Backends | None) -> None:
-  """The fields every benchmark record carries, against this process's device, versions and commit."""
+def check_header(record: dict, expected_flags: dict, backends: Backends | None, *, in_process: bool = False) -> None:
+  """The fields every benchmark record carries, against this process's device, versions and commit
+  (a benchmark run as its own process sees its own device count: tests fake 4 CPU devices)."""
   device = jax.devices()[0]
-  assert (record["device"], record["platform"], record["device_count"]) == (
-      device.device_kind, device.platform, jax.device_count())
+  assert (record["device"], record["platform"]) == (device.device_kind, device.platform)
+  assert (record["device_count"] == jax.device_count()) if in_process else (record["device_count"] >= 1)
   versions = record["versions"]
   assert versions["python"] == platform.python_version()
   for package in ("jax", "jaxlib", "flax", "numpy"):
@@ -104,7 +105,8 @@ def test_write_report_records_device_versions_commit_flags_and_backends(tmp_path
   assert sorted(p.name for p in path.parent.iterdir()) == ["bench.json"]  # no temporary file left
   record = json.loads(path.read_text())
   assert list(record)[:len(HEADER)] == list(HEADER)
-  check_header(record, {"iters": 3, "modes": ["omnimem", "window"], "backends": "selection=xla,dense=xla"}, backends)
+  check_header(record, {"iters": 3, "modes": ["omnimem", "window"], "backends": "selection=xla,dense=xla"}, backends,
+               in_process=True)
   assert set(record["flags"]) == {"iters", "modes", "backends"}
   assert record["backends"]["requested"] == {"selection": "xla", "topk": None, "dense": "xla"}
   assert record["backends"]["ran"] == {"block_topk": ["triton", "xla"], "selection_attention": ["xla"]}
@@ -117,7 +119,7 @@ def test_write_report_without_backends_and_with_a_clashing_key(tmp_path):
   values(["bench"])
   record = json.loads(benchmarking.write_report(tmp_path / "vae.json", {"results": []}, backends=None,
                                                 flags_used=values).read_text())
-  check_header(record, {"iters": 10}, None)
+  check_header(record, {"iters": 10}, None, in_process=True)
   with pytest.raises(ValueError, match=r"header's keys \['device'\]"):
     benchmarking.write_report(tmp_path / "bad.json", {"device": "mine"}, backends=None, flags_used=values)
   assert not (tmp_path / "bad.json").exists()
