@@ -4,16 +4,17 @@ Random weights (speed does not depend on their values); a KV store of `--capacit
 filled with random K/V for chunks 0..c-1, so the call at chunk c = capacity - 1 reads a full history.
 Memory: the compiled call's temp and argument bytes, and the process-wide device peak (run one mode
 per process for a per-mode peak).
-Beside the model it measures the bf16 matmul ceiling of the same device, and reports the call's
-FLOPs over that ceiling as the floor. Writes JSON to --output.
+Beside the model it measures the device's copy and bf16 matmul ceilings, and reports the call's
+FLOPs over the matmul ceiling as the floor. `--backends` chooses each attention op's backend. Writes
+JSON to --output (`omnimem_jax.benchmarking.write_report`: device, versions, commit, flags).
 
   python experiments/bench_dit_chunk.py --modes=omnimem,window \
       --output=benchmarks/results/dit_chunk_h100_bf16.json
+  python experiments/bench_dit_chunk.py --preset=tiny --capacity=4 --output=/tmp/dit_chunk.json   # smoke run
 """
 
 import functools
 import json
-import statistics
 import time
 from collections.abc import Sequence
 
@@ -22,6 +23,9 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
+from omnimem_kernels import dispatch
+from omnimem_kernels.backends import Backends
+from omnimem_jax import benchmarking
 from omnimem_jax.config import ModelConfig
 from omnimem_jax.memory.store import KVStore, LayerKV, init_store, layer_kv
 from omnimem_jax.model.wan import CausalWanModel, count_parameters
@@ -29,7 +33,9 @@ from omnimem_jax.model.wan import CausalWanModel, count_parameters
 _MODES = flags.DEFINE_list("modes", ["omnimem", "window"], "Attention modes to time.")
 _PRESET = flags.DEFINE_string("preset", "wan2.1-t2v-1.3b", "Model preset.")
 _CAPACITY = flags.DEFINE_integer("capacity", 10, "KV store slots; the timed call is chunk capacity - 1.")
-_ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per mode.")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per mode.", lower_bound=1)
+_BACKENDS = flags.DEFINE_string("backends", "", "Backend per attention op, e.g. 'selection=triton,dense=mosaic_gpu' "
+                                "(omnimem_kernels.backends.Backends.parse; default: per platform).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON output path.", required=True)
 
 
@@ -68,20 +74,8 @@ def chunk_flops(config: ModelConfig, history: int) -> float:
   return float(linear + attention)
 
 
-def matmul_peak(size: int = 8192, iters: int = 20) -> float:
-  """Measured bf16 matmul TFLOP/s (random data, after warm-up)."""
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
-  b = jax.random.normal(jax.random.key(1), (size, size), jnp.bfloat16)
-  matmul = jax.jit(lambda a, b: a @ b)
-  matmul(a, b).block_until_ready()
-  start = time.perf_counter()
-  for _ in range(iters):
-    out = matmul(a, b)
-  out.block_until_ready()
-  return 2 * size**3 * iters / (time.perf_counter() - start) / 1e12
-
-
-def time_mode(mode: str) -> dict:
+def time_mode(mode: str, backends: Backends) -> dict:
+  """One mode's chunk call: compile time and memory, time per call, and the backends it ran."""
   base = ModelConfig.from_preset(_PRESET.value)
   config = ModelConfig.from_dict({**base.to_dict(), "memory": {**base.to_dict()["memory"], "mode": mode,
                                                                "capacity_chunks": _CAPACITY.value}})
@@ -92,49 +86,47 @@ def time_mode(mode: str) -> dict:
                                     config.latent_width), jnp.float32)
   text = jax.random.normal(key, (1, config.text_len, config.text_dim), jnp.bfloat16)
   cross = jax.jit(lambda model, text: model.cross_kv(text))(model, text)
-  store = filled_store(config, chunk, key)
-  step = jax.jit(lambda model, x, t, cross, store, c: model(x, t, cross, store, c), donate_argnums=(4,))
+  state = {"store": filled_store(config, chunk, key)}
+  step = jax.jit(lambda model, x, t, cross, store, c: model(x, t, cross, store, c, backends=backends),
+                 donate_argnums=(4,))
   timestep = jnp.array([937.5], jnp.float32)
   start = time.perf_counter()
-  compiled = step.lower(model, latents, timestep, cross, store, chunk).compile()
+  with dispatch.recording() as ran:  # the ops' backends are chosen while tracing
+    compiled = step.lower(model, latents, timestep, cross, state["store"], chunk).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  velocity, store = step(model, latents, timestep, cross, store, chunk)
-  velocity.block_until_ready()
-  times = []
-  for _ in range(_ITERS.value):
-    start = time.perf_counter()
-    velocity, store = step(model, latents, timestep, cross, store, chunk)
-    velocity.block_until_ready()
-    times.append(time.perf_counter() - start)
-  stats = jax.devices()[0].memory_stats() or {}
+
+  def call() -> jax.Array:
+    velocity, state["store"] = compiled(model, latents, timestep, cross, state["store"], chunk)
+    return velocity
+
+  timing = benchmarking.time_call(call, reps=_ITERS.value)
   result = {
       "mode": mode, "chunk_index": chunk, "history_chunks": chunk, "capacity_chunks": _CAPACITY.value,
-      "parameters": count_parameters(model), "compile_s": compile_s,
+      "parameters": count_parameters(model), "compile_s": compile_s, "backends_ran": benchmarking.backends_ran(ran),
       "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
-      "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
-      "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
-      "flops": chunk_flops(config, chunk), "process_peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-      "store_bytes": sum(x.nbytes for x in jax.tree.leaves(store)), "finite": bool(jnp.isfinite(velocity).all()),
+      "argument_bytes": getattr(memory, "argument_size_in_bytes", None), **timing.to_dict(),
+      "flops": chunk_flops(config, chunk), "process_peak_bytes_in_use": benchmarking.peak_device_bytes(),
+      "store_bytes": sum(x.nbytes for x in jax.tree.leaves(state["store"])),
+      "finite": bool(jnp.isfinite(call()).all()),
   }
-  del model, store, cross
+  del model, state, cross
   return result
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  peak = matmul_peak()
+  backends = Backends.parse(_BACKENDS.value)
+  ceilings = benchmarking.device_ceilings()
   results = []
   for mode in _MODES.value:
-    result = time_mode(mode)
-    result["floor_ms"] = 1e3 * result["flops"] / (peak * 1e12)
+    result = time_mode(mode, backends)
+    result["floor_ms"] = 1e3 * result["flops"] / (ceilings["matmul_tflops"] * 1e12)
     result["time_over_floor"] = result["median_ms"] / result["floor_ms"]
     print(json.dumps(result), flush=True)
     results.append(result)
-  report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "backend": jax.default_backend(),
-            "dtype": "bfloat16", "preset": _PRESET.value, "batch": 1, "matmul_peak_tflops": peak, "results": results}
-  with open(_OUTPUT.value, "w") as f:
-    json.dump(report, f, indent=2)
+  benchmarking.write_report(_OUTPUT.value, {"dtype": "bfloat16", "preset": _PRESET.value, "batch": 1,
+                                            "ceilings": ceilings, "results": results}, backends=backends)
   print(f"wrote {_OUTPUT.value}")
 
 

@@ -13,7 +13,11 @@ peak memory is per mode, then merge and plot:
       --output=benchmarks/results/rollout_h200_bf16.json --plot=benchmarks/results/rollout_h200_bf16.png
 
 `--mesh=data=1,model=1` times the sharded code path (store and weights laid out on a mesh, attention
-under `shard_map`), to compare with the default single-device path on one GPU.
+under `shard_map`), to compare with the default single-device path on one GPU. `--backends` chooses
+each attention op's backend (`Rollout(..., backends=...)`); the JSON records what was asked for and
+what ran, beside the device, versions, commit and flags (`omnimem_jax.benchmarking.write_report`).
+
+  python experiments/bench_rollout.py --preset=tiny --chunks=3 --output=/tmp/rollout.json   # smoke run
 """
 
 import dataclasses
@@ -27,7 +31,9 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from omnimem_jax import sharding
+from omnimem_kernels import dispatch
+from omnimem_kernels.backends import Backends
+from omnimem_jax import benchmarking, io, sharding
 from omnimem_jax.config import ATTENTION_MODES, ModelConfig, SamplerConfig
 from omnimem_jax.model.wan import CausalWanModel
 from omnimem_jax.rollout import Rollout
@@ -35,7 +41,8 @@ from omnimem_jax.rollout import Rollout
 _MODE = flags.DEFINE_enum("mode", "omnimem", ATTENTION_MODES, "Attention mode to time.")
 _CHUNKS = flags.DEFINE_integer("chunks", 80, "Chunks to generate (80 = 60 s of video).")
 _PRESET = flags.DEFINE_string("preset", "wan2.1-t2v-1.3b", "Model preset.")
-_IMPLEMENTATION = flags.DEFINE_string("implementation", None, "Selection-attention backend (default: per platform).")
+_BACKENDS = flags.DEFINE_string("backends", "", "Backend per attention op, e.g. 'selection=triton,dense=mosaic_gpu' "
+                                "(omnimem_kernels.backends.Backends.parse; default: per platform).")
 _MESH = flags.DEFINE_string("mesh", None, "Run the sharded path on this mesh, e.g. 'data=1,model=1' (default: the "
                             "unsharded single-device path).")
 _MERGE = flags.DEFINE_list("merge", None, "Merge these per-mode JSON files (instead of running).")
@@ -49,34 +56,37 @@ def video_frames(chunks: int, frames_per_chunk: int = 3, temporal_stride: int = 
 
 
 def bench_config(mode: str, chunks: int) -> ModelConfig:
+  """The preset in `mode`: full history (capacity = chunks), or for window / sink_window only the
+  chunks they read (pinned + recent)."""
   base = ModelConfig.from_preset(_PRESET.value)
-  memory = dataclasses.replace(base.memory, mode=mode, capacity_chunks=chunks)
-  if mode in ("window", "sink_window"):
-    memory = dataclasses.replace(memory, capacity_chunks=memory.min_capacity_chunks)
-  return dataclasses.replace(base, memory=memory)
+  memory = dataclasses.replace(base.memory, mode=mode, capacity_chunks=max(chunks, base.memory.capacity_chunks))
+  capacity = memory.min_capacity_chunks if mode in ("window", "sink_window") else chunks
+  return dataclasses.replace(base, memory=dataclasses.replace(memory, capacity_chunks=capacity))
 
 
-def run_mode(mode: str, chunks: int) -> dict:
+def run_mode(mode: str, chunks: int, backends: Backends) -> dict:
   config = bench_config(mode, chunks)
   model = CausalWanModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   text = np.random.default_rng(0).standard_normal((1, config.text_len, config.text_dim)).astype(jnp.bfloat16)
   mesh = None if _MESH.value is None else sharding.make_mesh(**sharding.parse_mesh(_MESH.value), config=config)
-  rollout = Rollout(model, SamplerConfig(), implementation=_IMPLEMENTATION.value, mesh=mesh)
+  rollout = Rollout(model, SamplerConfig(), backends=backends, mesh=mesh)
   cross = rollout.cross_kv(text)
   start = time.perf_counter()
   latencies, error = [], None
-  try:
-    for segment in rollout.stream([(0, cross)], num_chunks=chunks, seed=0):
-      latencies.append(segment.seconds)
-      print(f"{mode} chunk {segment.first_chunk}: {1e3 * segment.seconds:.1f} ms", flush=True)
-  except jax.errors.JaxRuntimeError as err:  # e.g. out of device memory
-    error = str(err).splitlines()[0][:300]
+  with dispatch.recording() as ran:  # the ops' backends are chosen while the first chunk traces
+    try:
+      for segment in rollout.stream([(0, cross)], num_chunks=chunks, seed=0):
+        latencies.append(segment.seconds)
+        print(f"{mode} chunk {segment.first_chunk}: {1e3 * segment.seconds:.1f} ms", flush=True)
+    except jax.errors.JaxRuntimeError as err:  # e.g. out of device memory
+      error = str(err).splitlines()[0][:300]
   total = time.perf_counter() - start
   stats = jax.devices()[0].memory_stats() or {}
   done = len(latencies)
   steady = latencies[1:]  # chunk 0 includes compilation
   return {
-      "mode": mode, "implementation": _IMPLEMENTATION.value or "default", "mesh": _MESH.value, "chunks_requested": chunks, "chunks_done": done, "error": error,
+      "mode": mode, "backends": backends.to_dict(), "backends_ran": benchmarking.backends_ran(ran), "mesh": _MESH.value,
+      "chunks_requested": chunks, "chunks_done": done, "error": error,
       "capacity_chunks": config.memory.capacity_chunks, "traces": rollout.traces,
       "chunk_seconds": latencies, "first_chunk_seconds_incl_compile": latencies[0] if latencies else None,
       "steady_mean_chunk_seconds": float(np.mean(steady)) if steady else None,
@@ -88,21 +98,27 @@ def run_mode(mode: str, chunks: int) -> dict:
   }
 
 
+def label(result: dict) -> str:
+  """The mode, tagged with the backends asked for and the mesh where they differ from the defaults."""
+  tags = [f"{op}={value}" for op, value in result["backends"].items() if value is not None]
+  tags += [f"mesh {result['mesh']}"] if result["mesh"] else []
+  return f"{result['mode']}[{', '.join(tags)}]" if tags else result["mode"]
+
+
 def merge(paths: Sequence[str], output: str, plot: str | None) -> None:
-  runs = [json.load(open(path)) for path in paths]
-  report = {key: runs[0][key] for key in ("device", "jax", "preset", "dtype", "batch")}
-  report["results"] = [run["result"] for run in runs]
-  def label(r: dict) -> str:
-    tags = [r["implementation"]] if r.get("implementation", "default") != "default" else []
-    tags += [f"mesh {r['mesh']}"] if r.get("mesh") else []
-    return f"{r['mode']}[{', '.join(tags)}]" if tags else r["mode"]
+  """One JSON (and optionally a PNG) of per-mode runs, each result with its run's commit and flags."""
+  runs = []
+  for path in paths:
+    with open(path) as file:
+      runs.append(json.load(file))
+  report = {key: runs[0][key] for key in ("device", "platform", "versions", "preset", "dtype", "batch")}
+  report["results"] = [{**run["result"], "git": run["git"], "flags": run["flags"]} for run in runs]
 
   by_mode = {f"{label(r)}@{r['chunks_done']}": r for r in report["results"] if r["steady_mean_chunk_seconds"]}
   window = next((r["steady_mean_chunk_seconds"] for name, r in by_mode.items() if name.startswith("window@")), None)
   if window:  # mean DiT seconds per chunk over each completed run, relative to window mode's
     report["ratio_to_window"] = {name: r["steady_mean_chunk_seconds"] / window for name, r in by_mode.items()}
-  with open(output, "w") as f:
-    json.dump(report, f, indent=2)
+  io.write_json(output, report)
   print(f"wrote {output}")
   if plot:
     import matplotlib  # noqa: PLC0415 (plotting only)
@@ -118,7 +134,8 @@ def merge(paths: Sequence[str], output: str, plot: str | None) -> None:
     latency.legend()
     memory.set(ylabel="peak device memory (GiB)", title="peak memory of each completed run")
     figure.tight_layout()
-    figure.savefig(plot, dpi=120)
+    with io.atomic_file(plot) as partial:
+      figure.savefig(partial, dpi=120, format="png")
     print(f"wrote {plot}")
 
 
@@ -127,11 +144,10 @@ def main(argv: Sequence[str]) -> None:
   if _MERGE.value:
     merge(_MERGE.value, _OUTPUT.value, _PLOT.value)
     return
-  result = run_mode(_MODE.value, _CHUNKS.value)
-  report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": _PRESET.value,
-            "dtype": "bfloat16", "batch": 1, "result": result}
-  with open(_OUTPUT.value, "w") as f:
-    json.dump(report, f, indent=2)
+  backends = Backends.parse(_BACKENDS.value)
+  result = run_mode(_MODE.value, _CHUNKS.value, backends)
+  benchmarking.write_report(_OUTPUT.value, {"preset": _PRESET.value, "dtype": "bfloat16", "batch": 1,
+                                            "result": result}, backends=backends)
   print(json.dumps({k: v for k, v in result.items() if k != "chunk_seconds"}))
 
 

@@ -7,7 +7,8 @@ cache donated; median / min / max over `--iters` calls, compile time, the call's
 convolutions and matrix products, counted from its jaxpr) and the bytes it cannot avoid (arguments
 and outputs once), the floor (FLOPs over the measured bf16 matmul rate or those bytes over the
 measured copy bandwidth: the larger), the feature-cache size, and how far bf16 frames are from
-float32 frames on the same weights.
+float32 frames on the same weights. The VAE calls no kernel op, so there is no `--backends` flag
+(its JSON records `backends: null`).
 
   python experiments/bench_vae.py --output=benchmarks/results/vae_decode_h100.json
   python experiments/bench_vae.py --preset=tiny --latent_height=4 --latent_width=6 --output=/tmp/vae.json
@@ -17,7 +18,6 @@ import dataclasses
 import functools
 import json
 import math
-import statistics
 import time
 from collections.abc import Sequence
 
@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from omnimem_jax import benchmarking
 from omnimem_jax.model.vae import VAEConfig, WanVAE, compiler_options, count_parameters, video_frames
 
 _PRESET = flags.DEFINE_enum("preset", "wan2.1", ["wan2.1", "tiny"], "VAE config.")
@@ -35,42 +36,9 @@ _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Activation (and 
 _LATENT_HEIGHT = flags.DEFINE_integer("latent_height", 60, "Latent height (480 / 8).")
 _LATENT_WIDTH = flags.DEFINE_integer("latent_width", 104, "Latent width (832 / 8).")
 _CHUNK = flags.DEFINE_integer("frames_per_chunk", 3, "Latent frames per chunk.")
-_ITERS = flags.DEFINE_integer("iters", 10, "Timed steady-chunk calls per dtype.")
-_FIRST_ITERS = flags.DEFINE_integer("first_iters", 3, "Timed first-chunk calls per dtype.")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed steady-chunk calls per dtype.", lower_bound=1)
+_FIRST_ITERS = flags.DEFINE_integer("first_iters", 3, "Timed first-chunk calls per dtype.", lower_bound=1)
 _OUTPUT = flags.DEFINE_string("output", None, "JSON output path.", required=True)
-
-
-def _timed(fn, *args, iters: int) -> tuple[list[float], object]:
-  """Runs fn(*args) `iters` times after one warm-up; returns wall times (synchronised) and the last output."""
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - start)
-  return times, out
-
-
-def matmul_tflops(size: int = 8192, iters: int = 20) -> float:
-  """Measured bf16 matmul rate (random data, after warm-up)."""
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
-  b = jax.random.normal(jax.random.key(1), (size, size), jnp.bfloat16)
-  times, _ = _timed(jax.jit(lambda a, b: a @ b), a, b, iters=iters)
-  return 2 * size**3 / statistics.median(times) / 1e12
-
-
-def copy_gbps(mib: int = 2048, iters: int = 20) -> float:
-  """Measured device copy bandwidth (bytes read + written)."""
-  x = jax.random.normal(jax.random.key(2), (mib * 2**20 // 4,), jnp.float32)
-  times, _ = _timed(jax.jit(lambda x: x * 1.0001), x, iters=iters)
-  return 2 * x.nbytes / statistics.median(times) / 1e9
-
-
-def _stats(times: list[float]) -> dict:
-  return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
-          "iters": len(times)}
 
 
 def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
@@ -106,7 +74,7 @@ def _cost(jaxpr: jax.extend.core.Jaxpr, compiled) -> dict:
           "min_bytes": memory.argument_size_in_bytes + memory.output_size_in_bytes}
 
 
-def bench_dtype(params: dict, base: VAEConfig, dtype: str, latents: jax.Array, peak: float, bandwidth: float
+def bench_dtype(params: dict, base: VAEConfig, dtype: str, latents: jax.Array, ceilings: dict
                 ) -> tuple[dict, dict[str, np.ndarray]]:
   config = dataclasses.replace(base, dtype=dtype, param_dtype=dtype)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0))))
@@ -117,40 +85,43 @@ def bench_dtype(params: dict, base: VAEConfig, dtype: str, latents: jax.Array, p
   def decode(state, z, cache, first):
     return nnx.merge(graphdef, state).decode_chunk(z, cache, first=first)
 
+  def fresh_cache() -> tuple[dict]:
+    return (vae.init_decode_cache(batch, height, width),)
+
   step = jax.jit(decode, static_argnames="first", donate_argnames="cache", compiler_options=compiler_options())
   result = {"dtype": dtype, "parameters": count_parameters(vae)}
   outputs = {}
+  compiled = {}
   for name, first, iters in (("first_chunk", True, _FIRST_ITERS.value), ("steady_chunk", False, _ITERS.value)):
-    cache = vae.init_decode_cache(batch, height, width)
+    cache, = fresh_cache()
     result["cache_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(cache)))
     start = time.perf_counter()
     lowered = step.lower(state, latents, cache, first)
     jaxpr = jax.make_jaxpr(functools.partial(decode, first=first))(state, latents, cache).jaxpr
-    compiled = lowered.compile()
+    compiled[first] = lowered.compile()
     compile_s = time.perf_counter() - start
-    if not first:  # steady state: the cache carried from chunk 0
-      _, cache = step(state, latents, cache, True)
-    frames, next_cache = compiled(state, latents, cache)  # warm-up
-    jax.block_until_ready(frames)
-    times = []
-    for _ in range(iters):
-      # The first chunk always starts from a fresh zero cache (made outside the timed region); a
-      # steady chunk carries the previous call's cache.
-      cache = jax.block_until_ready(vae.init_decode_cache(batch, height, width)) if first else next_cache
-      start = time.perf_counter()
-      frames, next_cache = compiled(state, latents, cache)
-      jax.block_until_ready(frames)
-      times.append(time.perf_counter() - start)
-    cost = _cost(jaxpr, compiled)
-    floor_ms = 1e3 * max(cost["flops"] / (peak * 1e12), cost["min_bytes"] / (bandwidth * 1e9))
-    stats = _stats(times)
+    if first:  # every call starts from a fresh zero cache, made outside the timed region
+      timing = benchmarking.time_call(lambda cache: compiled[True](state, latents, cache), reps=iters,
+                                      prepare=fresh_cache)
+      frames, _ = compiled[True](state, latents, cache)
+    else:  # steady state: the cache carried from chunk 0, then from call to call
+      carried = {"cache": compiled[True](state, latents, cache)[1]}
+
+      def steady_call() -> jax.Array:
+        frames, carried["cache"] = compiled[False](state, latents, carried["cache"])
+        return frames
+
+      timing = benchmarking.time_call(steady_call, reps=iters)
+      frames = steady_call()
+    cost = _cost(jaxpr, compiled[first])
+    floor_ms = 1e3 * max(cost["flops"] / (ceilings["matmul_tflops"] * 1e12),
+                         cost["min_bytes"] / ceilings["copy_bandwidth_bytes_per_s"])
     result[name] = {"video_frames": int(frames.shape[1]), "expected_frames": video_frames(chunk, first=first),
-                    "compile_s": compile_s, **stats, **cost, "floor_ms": floor_ms,
-                    "time_over_floor": stats["median_ms"] / floor_ms if floor_ms else None,
-                    "ms_per_video_frame": stats["median_ms"] / int(frames.shape[1]),
+                    "compile_s": compile_s, **timing.to_dict(), **cost, "floor_ms": floor_ms,
+                    "time_over_floor": timing.median_ms / floor_ms if floor_ms else None,
+                    "ms_per_video_frame": timing.median_ms / int(frames.shape[1]),
                     "finite": bool(jnp.isfinite(frames).all())}
     outputs[name] = np.asarray(frames.astype(jnp.float32))
-    del next_cache, cache
   return result, outputs
 
 
@@ -162,19 +133,18 @@ def main(argv: Sequence[str]) -> None:
   del reference
   shape = (1, _CHUNK.value, _LATENT_HEIGHT.value, _LATENT_WIDTH.value, base.z_dim)
   latents = jax.random.normal(jax.random.key(3), shape, jnp.float32)
-  peak, bandwidth = matmul_tflops(), copy_gbps()
+  ceilings = benchmarking.device_ceilings()
   report = {
-      "device": jax.devices()[0].device_kind, "jax": jax.__version__, "backend": jax.default_backend(),
       "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
       "preset": _PRESET.value, "batch": 1, "latent_shape": list(shape),
       "video_frame_size": [8 * _LATENT_HEIGHT.value, 8 * _LATENT_WIDTH.value],
       "weights": "random (lecun normal convs, zero biases, unit gains)",
       "flops_counted": "convolutions and matrix products, 2 per multiply-add, from the jaxpr",
-      "matmul_peak_tflops_bf16": peak, "copy_bandwidth_gbps": bandwidth, "results": [],
+      "ceilings": ceilings, "results": [],
   }
   outputs = {}
   for dtype in _DTYPES.value:  # the JSON is rewritten after each dtype, so a cut-off run keeps what it has
-    result, outputs[dtype] = bench_dtype(params, base, dtype, latents, peak, bandwidth)
+    result, outputs[dtype] = bench_dtype(params, base, dtype, latents, ceilings)
     report["results"].append(result)
     if "float32" in outputs:
       for r in report["results"]:
@@ -182,8 +152,7 @@ def main(argv: Sequence[str]) -> None:
           ref, frames = outputs["float32"][name], outputs[r["dtype"]][name]
           r[name]["rel_err_vs_float32"] = float(np.linalg.norm(frames - ref) / np.linalg.norm(ref))
     print(json.dumps(result), flush=True)
-    with open(_OUTPUT.value, "w") as f:
-      json.dump(report, f, indent=2)
+    benchmarking.write_report(_OUTPUT.value, report, backends=None)
   for r in report["results"]:
     print(f"{r['dtype']:>9}: first chunk {r['first_chunk']['median_ms']:.1f} ms "
           f"({r['first_chunk']['video_frames']} frames), steady chunk {r['steady_chunk']['median_ms']:.1f} ms "

@@ -10,7 +10,8 @@ from omnimem_jax.model import layout, rope
 
 
 def block_position(f, h, w, grid, block):
-  """Where raster token (f, h, w) lands in block order, written out from DESIGN.md section 3.1."""
+  """Where raster token (f, h, w) lands in block order, written out from docs/architecture.md, 'Token layout
+  and blocks'."""
   _, height, width = grid
   block_h, block_w = block
   block_index = (h // block_h) * (width // block_w) + (w // block_w)

@@ -1,6 +1,6 @@
 """The KV store: full-resolution K/V in chunk slots plus mean-pooled K/V of every block.
 
-A pytree preallocated once and carried (donated) through a rollout (DESIGN.md section 4). Chunk c
+A pytree preallocated once and carried (donated) through a rollout (docs/architecture.md, 'Store layout'). Chunk c
 lives in slot `slot_of_chunk(c)`; every DiT call of that chunk overwrites the same slot (noisy K/V on
 the denoising steps, clean K/V on the context pass). Past `capacity_chunks` slots the oldest unpinned
 slot is reused (a ring), which never touches the attention window because the config requires

@@ -1,7 +1,7 @@
 """The umT5-XXL text encoder in Flax NNX, and the tokenizer glue that turns prompts into what the
 Wan DiT consumes: `[B, 512, 4096]` embeddings, exactly zero after each prompt's last token.
 
-Architecture (wan-base-model.md section 4.5; HF `UMT5EncoderModel`, Wan `T5Encoder`): token
+Architecture (docs/architecture.md, 'The Wan2.1 models'; HF `UMT5EncoderModel`, Wan `T5Encoder`): token
 embedding; 24 pre-norm layers of self-attention and a gated-GELU (tanh) FFN, each layer with its
 own relative position bias (umT5: `shared_pos=False`; 32 buckets, bidirectional, max distance 128);
 T5 RMS norms (no mean subtraction, eps 1e-6) and no 1/sqrt(d) scaling of the attention logits; a

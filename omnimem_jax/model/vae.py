@@ -1,6 +1,6 @@
 """The Wan 2.1 video VAE in Flax NNX, channel-last, with a streaming feature cache.
 
-Architecture (wan-base-model.md section 4.1): causal 3-D convolutions (zero padding of 2 frames in
+Architecture (docs/architecture.md, 'The Wan2.1 models'): causal 3-D convolutions (zero padding of 2 frames in
 front, none behind), L2 "RMS" norms (`x / max(|x|, 1e-12) * sqrt(C) * gamma`), residual blocks, one
 single-head spatial attention block per frame in the middle, and temporal / spatial resampling.
 Compression is 4x in time and 8x in space: latent frame 0 stands for video frame 0 alone and every
