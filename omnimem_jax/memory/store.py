@@ -1,6 +1,6 @@
 """The KV store: full-resolution K/V in chunk slots plus mean-pooled K/V of every block.
 
-A pytree preallocated once and carried (donated) through a rollout (DESIGN.md section 4). Chunk c
+A pytree preallocated once and carried (donated) through a rollout (docs/architecture.md, 'Store layout'). Chunk c
 lives in slot `slot_of_chunk(c)`; every DiT call of that chunk overwrites the same slot (noisy K/V on
 the denoising steps, clean K/V on the context pass). Past `capacity_chunks` slots the oldest unpinned
 slot is reused (a ring), which never touches the attention window because the config requires
@@ -42,6 +42,13 @@ class KVStore:
 
   layers: LayerKV  # [B, H, L, ...]
   slot_chunk: Int[Array, " slots"]
+
+
+# The logical axis names of every store array (`omnimem_jax.sharding.tree_shardings` maps them onto a
+# mesh): K/V [B, H, L, S, T, D] and pooled [B, H, L, S*NB, D] by heads and batch; the slot table replicated.
+_FULL_AXES = ("batch", "heads", "layers", "kv_blocks", None, "head_dim")
+_POOLED_AXES = ("batch", "heads", "layers", "kv_blocks", "head_dim")
+LOGICAL_AXES = KVStore(layers=LayerKV(_FULL_AXES, _FULL_AXES, _POOLED_AXES, _POOLED_AXES), slot_chunk=())
 
 
 def init_store(config: ModelConfig, batch_size: int, dtype: jnp.dtype = jnp.bfloat16,
