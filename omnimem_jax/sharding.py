@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, make_single_device_sharding
 
 from omnimem_jax.config import ModelConfig
 
@@ -161,7 +161,7 @@ def place_like_params(module: nnx.Module, tree: Any) -> Any:
   placement = _params_sharding(module)
   if isinstance(placement, NamedSharding):
     return jax.device_put(tree, NamedSharding(placement.mesh, PartitionSpec()))
-  return jax.device_put(tree, SingleDeviceSharding(min(placement.device_set, key=lambda device: device.id)))
+  return jax.device_put(tree, make_single_device_sharding(min(placement.device_set, key=lambda device: device.id)))
 
 
 def context_mesh() -> jax.sharding.AbstractMesh | None:

@@ -1,6 +1,8 @@
 """Sampler schedule and rollout engine: exact schedule values, one compile per rollout, streaming
 equals one scan, seeded determinism, the selection path end to end against dense attention, prompt
-switches with KV recache, and input errors."""
+switches with KV recache, input errors; the rollout (default or supplied noise, prompt switch, a
+ground-truth prefix) against a hand-written loop over the public model call; compilations and the
+backends each op ran."""
 
 import dataclasses
 
