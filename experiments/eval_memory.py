@@ -6,9 +6,10 @@ dense:runs/dense/export --output=benchmarks/results/memory_bench.json
 
 For each mode and each of --num_videos held-out worlds (seeds never used in training):
   prefix   the first orbit (--prefix_chunks chunks) is given as ground truth: written into the KV store
-           by the rollout's context pass (t = 0), then the Rollout engine's jitted segment generates
-           the remaining chunks with the 4-step sampler. Every generated frame revisits a view of the
-           prefix; PSNR / SSIM against it (= its first appearance), by revisit distance.
+           by the rollout's context passes (t = 0, `Rollout.write_context`), then the same Rollout
+           generates the remaining chunks with the 4-step sampler (`Rollout.generate`). Every generated
+           frame revisits a view of the prefix; PSNR / SSIM against it (= its first appearance), by
+           revisit distance.
   free     the whole video is generated from noise (Rollout.run); revisited frames against the frames
            the model itself generated at the view's first appearance.
   recall   (omnimem) per layer, the share of the dense oracle's attention mass over the selection
@@ -18,16 +19,17 @@ Writes JSON (and a PNG plot with --plot, default next to the JSON) atomically.
 """
 
 import dataclasses
-import functools
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from absl import app, flags, logging
+
+if TYPE_CHECKING:
+  from omnimem_kernels.backends import Backends
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "mode:path pairs of exported wan_dit checkpoints.")
 _NUM_VIDEOS = flags.DEFINE_integer("num_videos", 4, "Held-out worlds per mode.")
@@ -35,7 +37,9 @@ _NUM_CHUNKS = flags.DEFINE_integer("num_chunks", 24, "Chunks per video (3 orbits
 _PREFIX = flags.DEFINE_integer("prefix_chunks", None, "Ground-truth chunks before generation (default: one orbit).")
 _RECALL_CHUNKS = flags.DEFINE_integer("recall_chunks", 12, "Chunks of the teacher-forcing clip for recall.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed; world seeds are 10**9 + video index.")
-_IMPLEMENTATION = flags.DEFINE_string("implementation", "xla", "Selection-attention backend of the rollout.")
+_BACKENDS = flags.DEFINE_string("backends", "selection=xla",
+                                "Backends of the rollout's attention ops, e.g. 'selection=triton,dense=xla' "
+                                "(unset ops: per-platform defaults).")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results/memory_bench.json", "JSON results.")
 _PLOT = flags.DEFINE_string("plot", None, "PNG plot (default: --output with .png; 'none' to skip).")
 
@@ -62,25 +66,16 @@ def _parse_checkpoints() -> dict[str, Path]:
   return result
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-  partial.write_bytes(data)
-  os.replace(partial, path)
-
-
-def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int) -> dict[str, Any]:
+def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int, backends: Backends) -> dict[str, Any]:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
 
   from omnimem_jax import checkpoints, evaluation, training as train  # noqa: PLC0415
   from omnimem_jax.config import ModelConfig, SamplerConfig  # noqa: PLC0415
   from omnimem_jax.convert import wan_dit  # noqa: PLC0415
   from omnimem_jax.data import synthetic  # noqa: PLC0415
-  from omnimem_jax.memory.store import init_store  # noqa: PLC0415
-  from omnimem_jax.rollout import Rollout, context_pass, rollout_segment  # noqa: PLC0415
+  from omnimem_jax.rollout import Rollout  # noqa: PLC0415
 
   record = checkpoints.read_record(path, checkpoints.Kind.DIT)
   config = ModelConfig.from_dict(record.config)
@@ -93,14 +88,7 @@ def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int) -> dict[s
   frames = num_chunks * frames_per_chunk
   source = synthetic.revisit_schedule(world, frames)
   window_frames = memory.recent_chunks * frames_per_chunk
-  sampler = SamplerConfig()
-  implementation = _IMPLEMENTATION.value
-  graphdef, params = nnx.split(model)
-  write_context = jax.jit(functools.partial(context_pass, graphdef, context_timestep=sampler.context_timestep,
-                                            implementation=implementation), donate_argnums=(1,))
-  generate = jax.jit(functools.partial(rollout_segment, graphdef, sampler=sampler, batch_size=1, retrieval=False,
-                                       num_chunks=num_chunks - prefix, implementation=implementation),
-                     donate_argnums=(1,))
+  rollout = Rollout(model, SamplerConfig(), store_dtype=jnp.float32, backends=backends)
   forward = jax.jit(train.teacher_forcing_forward, static_argnames=("select_own_noisy_chunk", "with_recall"))
   prefix_scores, free_scores, recalls, timings = [], [], [], []
   for video_index in range(_NUM_VIDEOS.value):
@@ -108,21 +96,18 @@ def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int) -> dict[s
     truth = synthetic.video(world, world_seed, frames)  # [C, F, H, W]
     data_range = float(truth.max() - truth.min())
     text = jax.random.normal(jax.random.key(world_seed), (1, config.text_len, config.text_dim))
-    cross = model.cross_kv(text)
+    cross = rollout.cross_kv(text)
+    seed = _SEED.value + video_index
     start = time.perf_counter()
     # Prefix: ground-truth first orbit in the store, then generation.
-    store = checkpoints.place_like_params(model, init_store(config=dataclasses.replace(config, memory=memory),
-                                                            batch_size=1, dtype=jnp.float32))
-    for chunk in range(prefix):
-      x0 = jnp.asarray(truth[None, :, chunk * frames_per_chunk:(chunk + 1) * frames_per_chunk])
-      store = write_context(params, store, cross, x0, jnp.int32(chunk))
-    latents, store, _ = generate(params, store, cross, jax.random.key(_SEED.value + video_index), jnp.int32(prefix))
+    state = rollout.init_state(seed, recache_chunks=0)
+    state = rollout.write_context(state, cross, truth[None, :, :prefix * frames_per_chunk])
+    _, latents, _ = rollout.generate(state, cross, num_chunks - prefix)
     generated = np.concatenate([truth[:, :prefix * frames_per_chunk], np.asarray(latents[0])], axis=1)
     prefix_scores.append(evaluation.revisit_scores(generated, truth, source,
                                                    np.arange(prefix * frames_per_chunk, frames), data_range))
     # Free run: the whole video from noise.
-    free, _ = Rollout(model, sampler, store_dtype=jnp.float32, implementation=implementation).run(
-        [(0, cross)], num_chunks, seed=_SEED.value + video_index)
+    free, _ = rollout.run([(0, cross)], num_chunks, seed=seed)
     free = np.asarray(free[0])
     free_scores.append(evaluation.revisit_scores(free, free, source, np.arange(frames),
                                                  float(free.max() - free.min())))
@@ -140,6 +125,7 @@ def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int) -> dict[s
       "checkpoint": str(path), "config": config.to_dict(), "world": dataclasses.asdict(world),
       "training_steps": record.training.get("steps"), "training_seconds": record.training.get("train_seconds"),
       "window_frames": window_frames, "seconds_per_video": float(np.mean(timings)),
+      "backends": rollout.backends_used,
       "prefix": evaluation.summarise(prefix_scores, min_distance=window_frames + 1),
       "free": evaluation.summarise(free_scores, min_distance=window_frames + 1),
   }
@@ -158,6 +144,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
+  from omnimem_jax import io  # noqa: PLC0415
+
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for mode, result in results["modes"].items():
     for ax, protocol in zip(axes, ("prefix", "free"), strict=True):
@@ -173,9 +161,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.legend()
   fig.suptitle(f"Revisit consistency ({results['device']}, jax {results['jax']}); dashed: sliding window")
   fig.tight_layout()
-  partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-  fig.savefig(partial, dpi=110, format="png")
-  os.replace(partial, path)
+  with io.atomic_file(path) as partial:
+    fig.savefig(partial, dpi=110, format="png")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -193,7 +180,14 @@ def main(argv: Sequence[str]) -> None:
   import jax  # noqa: PLC0415
 
   from omnimem_jax import checkpoints as ckpt  # noqa: PLC0415
+  from omnimem_jax import io  # noqa: PLC0415
   from omnimem_jax.data import synthetic  # noqa: PLC0415
+  from omnimem_kernels.backends import Backends  # noqa: PLC0415
+
+  try:
+    backends = Backends.parse(_BACKENDS.value)
+  except ValueError as err:
+    _error(f"--backends: {err}")
 
   worlds = {mode: ckpt.read_record(path, ckpt.Kind.DIT).training["world"] for mode, path in checkpoints.items()}
   period_chunks = synthetic.WorldConfig(**next(iter(worlds.values()))).period_chunks
@@ -207,7 +201,7 @@ def main(argv: Sequence[str]) -> None:
              "modes": {}}
   for mode, path in checkpoints.items():
     start = time.perf_counter()
-    results["modes"][mode] = evaluate_mode(path, mode, _NUM_CHUNKS.value, prefix)
+    results["modes"][mode] = evaluate_mode(path, mode, _NUM_CHUNKS.value, prefix, backends)
     r = results["modes"][mode]
     print(f"{mode:8s} prefix PSNR beyond window {r['prefix']['psnr_db']:.2f} dB SSIM {r['prefix']['ssim']:.3f} | "
           f"free {r['free']['psnr_db']:.2f} dB | recall {r.get('retrieval_recall', {}).get('mean')} | "
@@ -220,7 +214,7 @@ def main(argv: Sequence[str]) -> None:
                        "rule": "prefix protocol, revisit distance beyond the window: omnimem at most 1 dB below dense "
                                "and >= 3 dB above window"}
     print(json.dumps(results["goal"]))
-  _atomic_write(output, (json.dumps(results, indent=2) + "\n").encode())
+  io.write_json(output, results)
   if plot_path is not None:
     plot(results, plot_path)
   print(f"wrote {output}" + (f" and {plot_path}" if plot_path else ""))

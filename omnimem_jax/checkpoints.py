@@ -231,15 +231,3 @@ def module_with_params(create: Callable[[], nnx.Module], params: Mapping[str, An
   nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, dict(params)))
   return nnx.merge(graphdef, state)
 
-
-def place_like_params(module: nnx.Module, tree: Any) -> Any:
-  """`tree` (e.g. a fresh KV store or VAE cache) replicated over the mesh `module`'s parameters live on.
-
-  A restored module lives on a mesh and the state its calls return carries that mesh; a first state
-  without it would make the second call compile again.
-  """
-  sharding = jax.tree.leaves(nnx.state(module, nnx.Param))[0].sharding
-  if not isinstance(sharding, jax.sharding.NamedSharding):
-    return tree
-  return jax.device_put(tree, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
-

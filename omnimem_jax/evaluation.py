@@ -7,7 +7,7 @@
   distance (frames since the view's first appearance).
 - `retrieval_recall`: the share of the dense oracle's attention mass (softmax over every selection
   candidate's full-resolution keys) that the top-k selected blocks hold, per layer, measured on a
-  teacher-forcing pass of the omnimem model (`train.teacher_forcing_forward(..., with_recall=True)`),
+  teacher-forcing pass of the omnimem model (`training.teacher_forcing_forward(..., with_recall=True)`),
   with the chance level of a random selection of the same size.
 """
 

@@ -1,15 +1,22 @@
 """Autoregressive rollout: chunk after chunk, each denoised in a few steps over the KV store.
 
-Per chunk (DESIGN.md section 6): the sampler's denoising calls, then the context pass that rewrites
-the chunk's K/V from its clean latents. A segment of chunks is one jitted `lax.scan` with the store
-in the carry (donated); within a chunk the model calls are a second `lax.scan`, so the DiT is traced
-once. The chunk index is traced, so a rollout of any length compiles once per segment length.
-Noise comes from `fold_in(fold_in(key, chunk), step)`: the same seed gives the same video whatever
-the segmenting (streaming one chunk at a time equals one scan over all chunks).
+docs/architecture.md, 'Rollout'. Per chunk, the sampler's denoising calls, then the context pass that
+rewrites the chunk's K/V from its clean latents (`sampler.sample_chunk`). The rollout is split into
 
-`Rollout.stream` is the driver: it yields each segment as it is produced, switches prompts at chunk
-boundaries (LongLive-style KV recache: the last `recache_chunks` chunks are re-encoded at the
-context timestep under the new prompt, oldest first), and keeps per-chunk timings.
+- `RolloutConfig`: the frozen description of a rollout (sampler, batch, store dtype, retrieval
+  statistics, backends, noise function): everything its compiled functions depend on;
+- `RolloutState`: the explicit pytree state (KV store, noise key, next chunk, and the clean latents of
+  the most recent chunks with their chunk indices, kept for a prompt switch's KV recache);
+- pure functions `(model, state, ...) -> state`: `generate_segment` (chunks as one `lax.scan`, the
+  store in the carry), `write_context` (given clean latents written as context chunks: a prefix) and
+  `recache` (the recent chunks re-encoded under a new prompt);
+- `Rollout`: those functions jitted once for one model (once per segment length; the store donated),
+  placed on its devices, and the `stream` / `run` driver.
+
+The chunk index is traced, so a rollout of any length compiles once per segment length. The noise of
+chunk c, step s comes from `config.noise(key, c, s, shape)` (default `sampler.gaussian_noise`:
+`fold_in(fold_in(key, c), s)`), so the same seed gives the same video whatever the segmenting, and a
+caller can supply the noise to check a rollout against an external reference.
 """
 
 from __future__ import annotations
@@ -26,16 +33,57 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
-from omnimem_kernels.backends import Backends
-from omnimem_jax import checkpoints, sharding
+from omnimem_jax import sharding
 from omnimem_jax.config import SamplerConfig
-from omnimem_jax.memory.store import KVStore, init_store, slot_of_chunk
+from omnimem_jax.memory import store as kv_store
+from omnimem_jax.memory.store import KVStore
 from omnimem_jax.model import rope
 from omnimem_jax.model.wan import CausalWanModel, CrossKV
-from omnimem_jax.sampler import step_table
+from omnimem_jax.sampler import NoiseFn, gaussian_noise, sample_chunk
+from omnimem_kernels import dispatch
+from omnimem_kernels.backends import Backends
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """What a rollout's compiled functions depend on.
+
+  Attributes:
+    sampler: the few-step schedule.
+    batch_size: videos generated together (one prompt each).
+    store_dtype: dtype of the KV store.
+    retrieval: omnimem mode: also return, per chunk and layer, how many selected blocks lie 0, 1, ...
+      chunks back (opt-in: it scores the selection once more in every model call).
+    backends: the backend of each attention op (`omnimem_kernels.backends`).
+    noise: the initial and fresh noise of every chunk and step (`sampler.NoiseFn`).
+  """
+
+  sampler: SamplerConfig = SamplerConfig()
+  batch_size: int = 1
+  store_dtype: jnp.dtype = jnp.dtype(jnp.bfloat16)
+  retrieval: bool = False
+  backends: Backends = Backends()
+  noise: NoiseFn = gaussian_noise
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RolloutState:
+  """Everything a rollout carries from one segment to the next (a pytree; donate it under jit)."""
+
+  store: KVStore
+  key: jax.Array  # the noise key (a typed PRNG key)
+  next_chunk: Int[Array, ""]  # the chunk the next segment starts at
+  recent: Float[Array, "r b c f h w"]  # clean latents of the last r chunks, oldest first (KV recache)
+  recent_chunks: Int[Array, " r"]  # their chunk indices; -1: none yet
+
+
+# Logical axis names of the state's arrays (`sharding.tree_shardings`).
+STATE_AXES = RolloutState(store=kv_store.LOGICAL_AXES, key=(), next_chunk=(), recent=(None, *sharding.LATENT_AXES),
+                          recent_chunks=(None,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,65 +96,121 @@ class SegmentOutput:
   seconds: float  # wall time of the segment (device work included)
 
 
+# ---- the pure rollout functions ------------------------------------------------------------------
+
+
+def chunk_shape(model: CausalWanModel, batch_size: int) -> tuple[int, int, int, int, int]:
+  """[B, C, frames_per_chunk, H, W]: the latents of one chunk."""
+  c = model.config
+  return batch_size, c.in_channels, c.memory.frames_per_chunk, c.latent_height, c.latent_width
+
+
+def initial_state(model: CausalWanModel, config: RolloutConfig, key: jax.Array, recache_chunks: int,
+                  store: KVStore | None = None) -> RolloutState:
+  """A state at chunk 0 (with an empty store unless one is given), keeping `recache_chunks` recent chunks."""
+  if store is None:
+    store = kv_store.init_store(model.config, config.batch_size, config.store_dtype)
+  return RolloutState(store=store, key=key, next_chunk=jnp.int32(0),
+                      recent=jnp.zeros((recache_chunks, *chunk_shape(model, config.batch_size)), jnp.float32),
+                      recent_chunks=jnp.full((recache_chunks,), -1, jnp.int32))
+
+
+def _advance(state: RolloutState, store: KVStore, latents: Float[Array, "n b c f h w"],
+             chunks: Int[Array, " n"]) -> RolloutState:
+  """The state after chunks `chunks` (clean `latents`) were written into `store`."""
+  drop = chunks.shape[0]  # the recent buffer keeps its size: the oldest entries leave
+  recent = jnp.concatenate([state.recent, latents.astype(jnp.float32)])[drop:]
+  recent_chunks = jnp.concatenate([state.recent_chunks, chunks])[drop:]
+  return dataclasses.replace(state, store=store, next_chunk=state.next_chunk + drop, recent=recent,
+                             recent_chunks=recent_chunks)
+
+
+def _to_video(latents: Float[Array, "n b c f h w"]) -> Float[Array, "b c nf h w"]:
+  latents = jnp.moveaxis(latents, 0, 2)  # [n, B, C, f, H, W] -> [B, C, n, f, H, W]
+  return latents.reshape(*latents.shape[:2], -1, *latents.shape[4:])
+
+
+def _chunks(latents: Float[Array, "b c nf h w"], frames: int) -> Float[Array, "n b c f h w"]:
+  b, c, total, h, w = latents.shape
+  return jnp.moveaxis(latents.reshape(b, c, total // frames, frames, h, w), 2, 0)
+
+
 def generate_chunk(model: CausalWanModel, store: KVStore, cross: CrossKV, key: jax.Array,
-                   chunk_index: Int[Array, ""], sampler: SamplerConfig, batch_size: int, retrieval: bool,
-                   backends: Backends = Backends()) -> tuple[jax.Array, KVStore, jax.Array | None]:
-  """One chunk: the denoising calls and the context pass (one traced model call, scanned)."""
-  config = model.config
-  shape = (batch_size, config.in_channels, config.memory.frames_per_chunk, config.latent_height, config.latent_width)
-  chunk_key = jax.random.fold_in(key, chunk_index)
-  table = {name: jnp.asarray(value) for name, value in step_table(sampler).items()}
-  steps = len(table["timestep"])
+                   chunk_index: Int[Array, ""], config: RolloutConfig
+                   ) -> tuple[Float[Array, "b c f h w"], KVStore, Int[Array, "l bins"] | None]:
+  """One chunk: `sampler.sample_chunk` over the model call. Returns (clean latents, store, histogram)."""
+  shape = chunk_shape(model, config.batch_size)
 
-  def call(carry, step):
-    x, x0_kept, store, _ = carry
-    index, timestep, sigma, sigma_next, is_context = step
-    outputs = model(x, jnp.full((batch_size,), timestep), cross, store, chunk_index, retrieval_histogram=retrieval,
-                    backends=backends)
-    velocity, store = outputs[:2]
-    histogram = outputs[2] if retrieval else carry[3]
-    x0 = x - sigma * velocity
-    x0_kept = jnp.where(is_context > 0, x0_kept, x0)
-    noise = jax.random.normal(jax.random.fold_in(chunk_key, index + 1), shape, jnp.float32)
-    return ((1.0 - sigma_next) * x0 + sigma_next * noise, x0_kept, store, histogram), None
+  def noise(step):
+    fresh = jnp.asarray(config.noise(key, chunk_index, step, shape), jnp.float32)
+    if fresh.shape != shape:
+      raise ValueError(f"the noise function must return arrays of shape {shape}, got {fresh.shape}")
+    return fresh
 
-  histogram = jnp.zeros((config.num_layers, config.memory.capacity_chunks + 1), jnp.int32) if retrieval else None
-  x = jax.random.normal(jax.random.fold_in(chunk_key, 0), shape, jnp.float32)
-  per_step = (jnp.arange(steps), table["timestep"], table["sigma"], table["sigma_next"], table["is_context"])
-  (_, x0, store, histogram), _ = jax.lax.scan(call, (x, jnp.zeros(shape, jnp.float32), store, histogram), per_step)
+  def call(x, timestep, carry):
+    store, histogram = carry
+    outputs = model(x, jnp.full((config.batch_size,), timestep), cross, store, chunk_index,
+                    retrieval_histogram=config.retrieval, backends=config.backends)
+    return outputs[0], (outputs[1], outputs[2] if config.retrieval else histogram)
+
+  c = model.config
+  histogram = jnp.zeros((c.num_layers, c.memory.capacity_chunks + 1), jnp.int32) if config.retrieval else None
+  x0, (store, histogram) = sample_chunk(call, noise, config.sampler, (store, histogram))
   return x0, store, histogram
 
 
-TRACES: collections.Counter[str] = collections.Counter()  # traces (compilations) of the jitted pieces
-
-
-def rollout_segment(graphdef: nnx.GraphDef, params: nnx.State, store: KVStore, cross: CrossKV, key: jax.Array,
-                    first_chunk: Int[Array, ""], *, sampler: SamplerConfig, batch_size: int, retrieval: bool,
-                    num_chunks: int, backends: Backends = Backends()
-                    ) -> tuple[jax.Array, KVStore, jax.Array | None]:
-  """Chunks first_chunk .. first_chunk + num_chunks - 1 as one scan: (latents [B, C, 3n, H, W], store,
-  retrieval histograms [n, L, capacity + 1] or None). `Rollout` jits it once per segment length."""
-  TRACES["segment"] += 1
-  model = nnx.merge(graphdef, params)
+def generate_segment(model: CausalWanModel, state: RolloutState, cross: CrossKV, config: RolloutConfig,
+                     num_chunks: int) -> tuple[RolloutState, Float[Array, "b c nf h w"], Int[Array, "n l bins"] | None]:
+  """Chunks next_chunk .. next_chunk + num_chunks - 1 as one scan: (state, latents [B, C, n f, H, W],
+  retrieval histograms [n, L, capacity + 1] or None)."""
 
   def one_chunk(store, chunk_index):
-    x0, store, histogram = generate_chunk(model, store, cross, key, chunk_index, sampler, batch_size, retrieval,
-                                          backends)
+    x0, store, histogram = generate_chunk(model, store, cross, state.key, chunk_index, config)
     return store, (x0, histogram)
 
-  chunks = first_chunk + jnp.arange(num_chunks, dtype=jnp.int32)
-  store, (latents, histograms) = jax.lax.scan(one_chunk, store, chunks)
-  latents = jnp.moveaxis(latents, 0, 2)  # [n, B, C, f, H, W] -> [B, C, n, f, H, W]
-  return latents.reshape(*latents.shape[:2], -1, *latents.shape[4:]), store, histograms
+  chunks = state.next_chunk + jnp.arange(num_chunks, dtype=jnp.int32)
+  store, (latents, histograms) = jax.lax.scan(one_chunk, state.store, chunks)
+  return _advance(state, store, latents, chunks), _to_video(latents), histograms
 
 
-def context_pass(graphdef: nnx.GraphDef, params: nnx.State, store: KVStore, cross: CrossKV, x0: jax.Array,
-                 chunk_index: Int[Array, ""], *, context_timestep: float,
-                 backends: Backends = Backends()) -> KVStore:
-  """Rewrites chunk c's K/V from its clean latents under `cross` (a prompt switch's KV recache)."""
-  TRACES["context_pass"] += 1
-  timestep = jnp.full((x0.shape[0],), context_timestep, jnp.float32)
-  return nnx.merge(graphdef, params)(x0, timestep, cross, store, chunk_index, backends=backends)[1]
+def context_pass(model: CausalWanModel, store: KVStore, cross: CrossKV, x0: Float[Array, "b c f h w"],
+                 chunk_index: Int[Array, ""], config: RolloutConfig) -> KVStore:
+  """Chunk c's K/V rewritten from its clean latents under `cross`, at the sampler's context timestep."""
+  timestep = jnp.full((x0.shape[0],), config.sampler.context_timestep, jnp.float32)
+  return model(x0, timestep, cross, store, chunk_index, backends=config.backends)[1]
+
+
+def write_context(model: CausalWanModel, state: RolloutState, cross: CrossKV, latents: Float[Array, "b c nf h w"],
+                  config: RolloutConfig) -> RolloutState:
+  """Given clean latents written as chunks next_chunk, next_chunk + 1, ... by context passes (a
+  ground-truth prefix); the next segment continues after them."""
+  chunk_latents = _chunks(latents.astype(jnp.float32), model.config.memory.frames_per_chunk)
+  chunks = state.next_chunk + jnp.arange(chunk_latents.shape[0], dtype=jnp.int32)
+
+  def one_chunk(store, item):
+    x0, chunk_index = item
+    return context_pass(model, store, cross, x0, chunk_index, config), None
+
+  store, _ = jax.lax.scan(one_chunk, state.store, (chunk_latents, chunks))
+  return _advance(state, store, chunk_latents, chunks)
+
+
+def recache(model: CausalWanModel, state: RolloutState, cross: CrossKV, config: RolloutConfig) -> RolloutState:
+  """LongLive's KV recache at a prompt switch: the recent chunks the store still holds re-encoded
+  under the new prompt's `cross`, oldest first."""
+  memory = model.config.memory
+
+  def one_chunk(store, item):
+    x0, chunk_index = item
+    held = (chunk_index >= 0) & (store.slot_chunk[kv_store.slot_of_chunk(chunk_index, memory)] == chunk_index)
+    store = jax.lax.cond(held, lambda s: context_pass(model, s, cross, x0, chunk_index, config), lambda s: s, store)
+    return store, None
+
+  store, _ = jax.lax.scan(one_chunk, state.store, (state.recent, state.recent_chunks))
+  return dataclasses.replace(state, store=store)
+
+
+# ---- the compiled driver -------------------------------------------------------------------------
 
 
 class Rollout:
@@ -114,74 +218,172 @@ class Rollout:
 
   Usage:
     rollout = Rollout(model, SamplerConfig())
-    for segment in rollout.stream([(0, model.cross_kv(text))], num_chunks=80, seed=0):
+    for segment in rollout.stream([(0, rollout.cross_kv(text))], num_chunks=80, seed=0):
       show(segment.latents)
+
+  The state-level API (`init_state`, `write_context`, `generate`, `recache`) drives the same compiled
+  functions step by step, e.g. to start from a ground-truth prefix. Each takes the state by donation:
+  use the returned state, never the one passed in.
   """
 
   def __init__(self, model: CausalWanModel, sampler: SamplerConfig = SamplerConfig(), *, batch_size: int = 1,
-               store_dtype: Any = jnp.bfloat16, retrieval: bool = False,
-               backends: Backends = Backends(), mesh: Mesh | None = None):
+               store_dtype: Any = jnp.bfloat16, retrieval: bool = False, backends: Backends = Backends(),
+               mesh: Mesh | None = None, noise: NoiseFn = gaussian_noise):
     """`mesh` (from `sharding.make_mesh`): place the model's parameters on it (in place) and shard the
     store by heads over "model" and the batch over "data"; default: the ("data", "model") mesh the
-    model's parameters already live on, if any, else one device."""
-    self.model, self.sampler, self.batch_size, self.store_dtype = model, sampler, batch_size, store_dtype
+    model's parameters already live on, if any, else one device. `noise`: see `sampler.NoiseFn`."""
     if retrieval and model.config.memory.mode != "omnimem":
       raise ValueError(f"retrieval histograms exist in omnimem mode only, not {model.config.memory.mode}")
-    self.retrieval = retrieval  # opt-in: it scores the selection once more in every model call
-    self.backends = backends
     if mesh is not None:
       sharding.make_mesh(mesh.shape["data"], mesh.shape["model"], config=model.config, batch_size=batch_size,
                          devices=mesh.devices.flat)  # validates heads / batch divisibility
       sharding.shard_module(model, mesh)
+    self.config = RolloutConfig(sampler=sampler, batch_size=batch_size, store_dtype=jnp.dtype(store_dtype),
+                                retrieval=retrieval, backends=backends, noise=noise)
+    self.model = model
     self.mesh = sharding.module_mesh(model) if mesh is None else mesh
-    self.traces = 0  # compilations this rollout caused
-    self.store: KVStore | None = None
-    self.timings: list[tuple[int, int, float]] = []  # (first chunk, chunks, seconds) per segment
+    self.state: RolloutState | None = None  # the last `stream`'s state
+    self.timings: list[tuple[int, int, float]] = []  # (first chunk, chunks, seconds) per streamed segment
+    self._compilations: collections.Counter[str] = collections.Counter()
+    self._backends_used: dict[str, set[str]] = {}
     self._graphdef, self._params = nnx.split(model)
-    self._cross_sharding = None if self.mesh is None else CrossKV(*(sharding.named(self.mesh, sharding.CROSS_AXES),) * 2)
-    self._segments: dict[int, Callable[..., Any]] = {}  # jitted rollout_segment per segment length
-    context = functools.partial(context_pass, self._graphdef, context_timestep=sampler.context_timestep,
-                                backends=self.backends)
-    self._context = jax.jit(context, donate_argnums=(1,), **self._shardings(for_segment=False))
+    self._cross_kv = self._compile("cross_kv", lambda model, text: model.cross_kv(text),
+                                   in_axes=(("batch", None, None),), out_axes=sharding.CROSS_AXES)
+    self._write_context = self._compile("write_context", functools.partial(write_context, config=self.config),
+                                        in_axes=(STATE_AXES, sharding.CROSS_AXES, sharding.LATENT_AXES),
+                                        out_axes=STATE_AXES, donate_state=True)
+    self._recache = self._compile("recache", functools.partial(recache, config=self.config),
+                                  in_axes=(STATE_AXES, sharding.CROSS_AXES), out_axes=STATE_AXES, donate_state=True)
+    self._segments: dict[int, Callable[..., Any]] = {}  # generate_segment jitted per segment length
+    state_shardings = {} if self.mesh is None else {"out_shardings": sharding.tree_shardings(self.mesh, STATE_AXES)}
+    self._fresh_state = jax.jit(lambda seed, recache_chunks: initial_state(
+        model, self.config, jax.random.key(seed), recache_chunks), static_argnums=1, **state_shardings)
+    self._state_with_store = jax.jit(lambda seed, store, recache_chunks: initial_state(
+        model, self.config, jax.random.key(seed), recache_chunks, store), static_argnums=2, donate_argnums=1,
+        **state_shardings)
 
-  def cross_kv(self, text_embeddings: Float[Array, "b text text_dim"] | np.ndarray) -> CrossKV:
-    """`model.cross_kv` of a prompt's text-encoder output, computed on (and laid out for) the rollout's
-    devices: the batch over "data", heads over "model"."""
-    placement = None if self.mesh is None else sharding.named(self.mesh, ("batch", None, None))
-    encode = jax.jit(lambda params, text: nnx.merge(self._graphdef, params).cross_kv(text),
-                     out_shardings=self._cross_sharding)
-    with self._mesh_context():
-      return encode(self._params, self._placed(text_embeddings, placement))
+  @property
+  def sampler(self) -> SamplerConfig:
+    return self.config.sampler
 
-  def _shardings(self, for_segment: bool) -> dict[str, Any]:
-    """jit's in/out shardings on the rollout's mesh (params, store, cross K/V, ...); none on one device."""
-    if self.mesh is None:
-      return {}
-    mesh, replicated = self.mesh, NamedSharding(self.mesh, PartitionSpec())
-    params, store = sharding.state_shardings(self._params, mesh), sharding.store_shardings(mesh)
-    cross, latents = self._cross_sharding, sharding.named(mesh, ("batch", None, None, None, None))
-    if for_segment:  # (params, store, cross, key, first chunk) -> (latents, store, histograms)
-      return {"in_shardings": (params, store, cross, replicated, replicated),
-              "out_shardings": (latents, store, replicated if self.retrieval else None)}
-    return {"in_shardings": (params, store, cross, latents, replicated), "out_shardings": store}
+  @property
+  def store(self) -> KVStore | None:
+    """The KV store at the end of the last `stream` (None before any)."""
+    return None if self.state is None else self.state.store
+
+  @property
+  def traces(self) -> int:
+    """Compilations of the generation segment this rollout caused (1 per segment length)."""
+    return self._compilations["segment"]
+
+  @property
+  def compilations(self) -> dict[str, int]:
+    """Traces (compilations) of each jitted function of this rollout, by name."""
+    return dict(self._compilations)
+
+  @property
+  def backends_used(self) -> dict[str, list[str]]:
+    """The backends each attention op dispatched to in this rollout's compiled functions, by op, e.g.
+    {"block_topk": ["xla"], "selection_attention": ["xla"]} (`omnimem_kernels.dispatch.recording`)."""
+    return {op: sorted(names) for op, names in sorted(self._backends_used.items())}
+
+  # ---- compiled functions and placement --------------------------------------------------------
+
+  def _compile(self, name: str, fn: Callable[..., Any], *, in_axes: tuple[Any, ...], out_axes: Any,
+               donate_state: bool = False) -> Callable[..., Any]:
+    """`fn(model, *args)` jitted over the parameters; traces counted in `compilations`, the backends the
+    attention ops dispatch to recorded in `backends_used`. On a mesh, inputs and outputs get the
+    shardings of their logical axes (`in_axes`, `out_axes`); the state (first argument) may be donated."""
+
+    def traced(params, *args):
+      self._compilations[name] += 1
+      return fn(nnx.merge(self._graphdef, params), *args)
+
+    shardings = {}
+    if self.mesh is not None:
+      shardings = {"in_shardings": (sharding.state_shardings(self._params, self.mesh),
+                                    *(sharding.tree_shardings(self.mesh, axes) for axes in in_axes)),
+                   "out_shardings": sharding.tree_shardings(self.mesh, out_axes)}
+    jitted = jax.jit(traced, donate_argnums=(1,) if donate_state else (), **shardings)
+
+    def call(*args):
+      with self._mesh_context(), dispatch.recording() as used:
+        result = jitted(self._params, *args)
+      for op, names in used.items():
+        self._backends_used.setdefault(op, set()).update(names)
+      return result
+
+    return call
 
   def _segment(self, num_chunks: int) -> Callable[..., Any]:
     if num_chunks not in self._segments:
-      segment = functools.partial(rollout_segment, self._graphdef, sampler=self.sampler, batch_size=self.batch_size,
-                                  retrieval=self.retrieval, num_chunks=num_chunks,
-                                  backends=self.backends)
-      self._segments[num_chunks] = jax.jit(segment, donate_argnums=(1,), **self._shardings(for_segment=True))
+      out_axes = (STATE_AXES, sharding.LATENT_AXES, () if self.config.retrieval else None)
+      self._segments[num_chunks] = self._compile(
+          "segment", functools.partial(generate_segment, config=self.config, num_chunks=num_chunks),
+          in_axes=(STATE_AXES, sharding.CROSS_AXES), out_axes=out_axes, donate_state=True)
     return self._segments[num_chunks]
 
   def _mesh_context(self) -> contextlib.AbstractContextManager:
     """Traces under the rollout's mesh, so attention runs under `shard_map` on local heads."""
     return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
-  def _placed(self, tree: Any, target: Any = None) -> Any:
-    """`tree` moved explicitly (no implicit transfers) onto the rollout's devices / shardings."""
+  def _put(self, tree: Any, axes: Any = ()) -> Any:
+    """`tree` moved explicitly (no implicit transfers) onto the rollout's devices, sharded by its
+    logical `axes` (one `sharding.Axes` for every leaf, or a tree of them) on a mesh."""
     if self.mesh is None:
-      return checkpoints.place_like_params(self.model, jax.device_put(tree))
-    return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()) if target is None else target)
+      return sharding.place_like_params(self.model, tree)
+    return jax.device_put(tree, sharding.tree_shardings(self.mesh, axes))
+
+  # ---- the state-level API ---------------------------------------------------------------------
+
+  def cross_kv(self, text_embeddings: Float[Array, "b text text_dim"] | np.ndarray) -> CrossKV:
+    """`model.cross_kv` of a prompt's text-encoder output, computed on (and laid out for) the rollout's
+    devices: the batch over "data", heads over "model"."""
+    return self._cross_kv(self._put(text_embeddings, ("batch", None, None)))
+
+  def init_state(self, seed: int, *, recache_chunks: int = 7, store: KVStore | None = None) -> RolloutState:
+    """A state at chunk 0 on the rollout's devices: the noise key of `seed`, `store` (default: an empty
+    one, made in place on the devices; a given one is donated), room for `recache_chunks` recent chunks."""
+    if recache_chunks < 0:
+      raise ValueError(f"recache_chunks must be >= 0, got {recache_chunks}")
+    seed = self._put(np.uint32(seed))
+    if store is None:
+      state = self._fresh_state(seed, recache_chunks)
+    else:
+      state = self._state_with_store(seed, self._put(store, kv_store.LOGICAL_AXES), recache_chunks)
+    return state if self.mesh is not None else self._put(state)
+
+  def write_context(self, state: RolloutState, cross: CrossKV,
+                    latents: Float[Array, "b c nf h w"] | np.ndarray) -> RolloutState:
+    """Clean `latents` (whole chunks) written as the next chunks by context passes, e.g. a ground-truth
+    prefix; generation continues after them."""
+    c = self.model.config
+    frames = c.memory.frames_per_chunk
+    expected = (self.config.batch_size, c.in_channels, c.latent_height, c.latent_width)
+    shape = tuple(latents.shape)
+    if len(shape) != 5 or (shape[0], shape[1], *shape[3:]) != expected or shape[2] % frames or not shape[2]:
+      raise ValueError(f"context latents must be [{expected[0]}, {expected[1]}, a multiple of {frames} frames, "
+                       f"{expected[2]}, {expected[3]}], got {shape}")
+    self.check_length(shape[2] // frames, self._next_chunk(state))
+    return self._write_context(state, self._put(cross, sharding.CROSS_AXES), self._put(latents, sharding.LATENT_AXES))
+
+  def generate(self, state: RolloutState, cross: CrossKV, num_chunks: int
+               ) -> tuple[RolloutState, Float[Array, "b c nf h w"], Int[Array, "n l bins"] | None]:
+    """The next `num_chunks` chunks as one compiled scan: (state, latents [B, C, num_chunks x 3, H, W],
+    retrieval histograms [num_chunks, L, capacity + 1] or None)."""
+    if num_chunks < 1:
+      raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+    self.check_length(num_chunks, self._next_chunk(state))
+    return self._segment(num_chunks)(state, self._put(cross, sharding.CROSS_AXES))
+
+  def recache(self, state: RolloutState, cross: CrossKV) -> RolloutState:
+    """The recent chunks still in the store re-encoded under `cross` (a prompt switch's KV recache)."""
+    if state.recent_chunks.shape[0] == 0:
+      return state
+    return self._recache(state, self._put(cross, sharding.CROSS_AXES))
+
+  def _next_chunk(self, state: RolloutState) -> int:
+    return int(jax.device_get(state.next_chunk))
 
   # ---- driver ----------------------------------------------------------------------------------
 
@@ -202,7 +404,7 @@ class Rollout:
       seed: noise seed.
       segment_chunks: chunks per compiled scan (1 streams; num_chunks runs one scan).
       recache_chunks: chunks before a switch re-encoded under the new prompt (still stored ones).
-      store: continue from this store (default: a fresh one). The final store is `self.store`.
+      store: continue from this store (default: a fresh one; donated). The final state is `self.state`.
     """
     self.check_length(num_chunks)
     starts = [start for start, _ in prompts]
@@ -213,39 +415,18 @@ class Rollout:
       raise ValueError(f"num_chunks={num_chunks} must be a multiple of segment_chunks={segment_chunks}")
     if any(start % segment_chunks for start in starts):
       raise ValueError(f"prompt switches {starts} must fall on segment boundaries (multiples of {segment_chunks})")
-    config = self.model.config
-    if store is None:  # placed once: the store is donated from call to call and never leaves the devices
-      fresh = jax.jit(init_store, static_argnums=(0, 1, 2), out_shardings=None if self.mesh is None else
-                      sharding.store_shardings(self.mesh))
-      store = fresh(config, self.batch_size, self.store_dtype)
-      store = store if self.mesh is not None else self._placed(store)
-    self.store = store
-    key = jax.jit(jax.random.key)(self._placed(np.uint32(seed)))  # made on the devices
-    switches = {start: cross if self.mesh is None else self._placed(cross, self._cross_sharding)
-                for start, cross in prompts}
-    recent: list[tuple[int, jax.Array]] = []  # clean latents of the last recache_chunks chunks
+    switches = dict(prompts)
+    self.state = self.init_state(seed, recache_chunks=recache_chunks, store=store)
     cross = switches[0]
-    frames = config.memory.frames_per_chunk
     for first in range(0, num_chunks, segment_chunks):
       start_time = time.perf_counter()
       if first in switches and first > 0:
         cross = switches[first]
-        held = jax.device_get(self.store.slot_chunk)
-        for chunk, x0 in recent:
-          if int(held[int(slot_of_chunk(chunk, config.memory))]) == chunk:
-            with self._mesh_context():
-              self.store = self._context(self._params, self.store, cross, x0, self._placed(np.int32(chunk)))
-      traces = TRACES["segment"]
-      with self._mesh_context():
-        latents, self.store, histograms = self._segment(segment_chunks)(self._params, self.store, cross, key,
-                                                                        self._placed(np.int32(first)))
-      self.traces += TRACES["segment"] - traces
+        self.state = self.recache(self.state, cross)
+      self.state, latents, histograms = self.generate(self.state, cross, segment_chunks)
       latents.block_until_ready()
       seconds = time.perf_counter() - start_time
       self.timings.append((first, segment_chunks, seconds))
-      for index in range(segment_chunks):
-        recent.append((first + index, jax.lax.slice_in_dim(latents, index * frames, (index + 1) * frames, axis=2)))
-      recent = recent[-recache_chunks:] if recache_chunks else []
       yield SegmentOutput(first, latents, histograms, seconds)
 
   def run(self, prompts: Sequence[tuple[int, CrossKV]], num_chunks: int, seed: int = 0,
@@ -253,6 +434,6 @@ class Rollout:
     """The whole rollout: (latents [B, C, 3 * num_chunks, H, W], retrieval histograms or None)."""
     segments = list(self.stream(prompts, num_chunks, seed, **kwargs))
     latents = jnp.concatenate([segment.latents for segment in segments], axis=2)
-    if not self.retrieval:
+    if not self.config.retrieval:
       return latents, None
     return latents, np.concatenate([np.asarray(segment.retrieval) for segment in segments])

@@ -1,24 +1,31 @@
-"""Meshes, logical axis rules and the shardings of weights, the KV store and activations.
+"""Placement: meshes, logical axis rules, and where every tree lives (weights, the KV store, a
+prompt's cross K/V, latents, caches).
 
-DESIGN.md section 8: a mesh with axes ("data", "model") and explicit (Auto) axis types. Every
-parameter carries logical axis names (`nnx.with_partitioning`), e.g. ("embed", "heads") for a q
-projection; `LOGICAL_RULES` maps them onto the mesh: attention projections and the KV store shard by
-heads over "model", the FFN by hidden units, batches of prompts over "data", everything else is
-replicated. Attention itself runs under `jax.shard_map` on each device's heads
+docs/architecture.md, 'Sharding': a mesh with axes ("data", "model") and explicit (Auto) axis types.
+Every parameter carries logical axis names (`nnx.with_partitioning`), e.g. ("embed", "heads") for a q
+projection, and every other tree declares its own (the store in `memory.store.LOGICAL_AXES`, the
+cross K/V and latents here); `LOGICAL_RULES` maps them onto the mesh: attention projections and the
+KV store shard by heads over "model", the FFN by hidden units, batches of prompts over "data",
+everything else is replicated. Attention itself runs under `jax.shard_map` on each device's heads
 (`omnimem_jax.model.wan`), so its Pallas kernels never see a sharded array.
+
+This module is the one place that decides placement: the rollout, checkpoint restores and the CLI ask
+it for shardings (`named`, `tree_shardings`, `state_shardings`) and for placed trees
+(`shard_module`, `place_like_params`). It knows trees only by their logical axis names, never by
+their types.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, make_single_device_sharding
 
 from omnimem_jax.config import ModelConfig
-from omnimem_jax.memory.store import KVStore, LayerKV
 
 MESH_AXES = ("data", "model")
 
@@ -32,11 +39,12 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_blocks": None,
 }
 
-# Logical names of the KV store's axes (memory/store.py): K/V [B, H, L, S, T, D], pooled [B, H, L, S*NB, D].
-STORE_AXES = ("batch", "heads", "layers", "kv_blocks", None, "head_dim")
-POOLED_AXES = ("batch", "heads", "layers", "kv_blocks", "head_dim")
-# Cross-attention K/V of a prompt (model.wan.CrossKV): [L, B, tokens, H, D].
-CROSS_AXES = ("layers", "batch", None, "heads", "head_dim")
+Axes = tuple[str | None, ...]  # the logical name of each axis of one array (None: never sharded)
+
+# Cross-attention K/V of a prompt (both fields of model.wan.CrossKV): [L, B, tokens, H, D].
+CROSS_AXES: Axes = ("layers", "batch", None, "heads", "head_dim")
+# Latent videos and chunks [B, C, F, H, W]: the batch over "data".
+LATENT_AXES: Axes = ("batch", None, None, None, None)
 # Per-token activations inside attention: [B, N, H, D] (q, k, v, outputs) and [B, N, H, 3] (gates).
 TOKEN_HEAD_AXES = ("batch", None, "heads", None)
 
@@ -112,10 +120,16 @@ def state_shardings(state: nnx.State, mesh: Mesh,
   return jax.tree.map(to_sharding, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def store_shardings(mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES) -> KVStore:
-  """The KV store's shardings (a KVStore of NamedShardings): heads over "model", batch over "data"."""
-  full, pooled = named(mesh, STORE_AXES, rules), named(mesh, POOLED_AXES, rules)
-  return KVStore(layers=LayerKV(full, full, pooled, pooled), slot_chunk=NamedSharding(mesh, PartitionSpec()))
+def _is_axes(node: Any) -> bool:
+  """Whether `node` is one array's logical axis names (a tuple of str / None; () for a scalar)."""
+  return isinstance(node, tuple) and all(name is None or isinstance(name, str) for name in node)
+
+
+def tree_shardings(mesh: Mesh, axes: Any, rules: Mapping[str, str | None] = LOGICAL_RULES) -> Any:
+  """The NamedShardings of a tree whose leaves are logical axis names (`Axes`), same structure; e.g.
+  `tree_shardings(mesh, store.LOGICAL_AXES)` is a KVStore of shardings. One `Axes` gives one sharding
+  (for jit and `device_put`, a prefix that covers every leaf of a tree)."""
+  return jax.tree.map(lambda names: named(mesh, names, rules), axes, is_leaf=_is_axes)
 
 
 def shard_module(module: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES) -> nnx.Module:
@@ -125,12 +139,29 @@ def shard_module(module: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None]
   return module
 
 
+def _params_sharding(module: nnx.Module) -> jax.sharding.Sharding:
+  return jax.tree.leaves(nnx.state(module, nnx.Param))[0].sharding
+
+
 def module_mesh(module: nnx.Module) -> Mesh | None:
   """The ("data", "model") mesh `module`'s parameters live on, or None (one device, or another mesh)."""
-  placement = jax.tree.leaves(nnx.state(module, nnx.Param))[0].sharding
+  placement = _params_sharding(module)
   if isinstance(placement, NamedSharding) and set(MESH_AXES) <= set(placement.mesh.axis_names):
     return placement.mesh
   return None
+
+
+def place_like_params(module: nnx.Module, tree: Any) -> Any:
+  """`tree` (e.g. a fresh KV store, a prompt's cross K/V, a VAE cache) on the devices `module`'s
+  parameters live on: replicated over their mesh, or on their device.
+
+  A restored module lives on a mesh and the state its calls return carries that mesh; a first state
+  without it would make the second call compile again.
+  """
+  placement = _params_sharding(module)
+  if isinstance(placement, NamedSharding):
+    return jax.device_put(tree, NamedSharding(placement.mesh, PartitionSpec()))
+  return jax.device_put(tree, make_single_device_sharding(min(placement.device_set, key=lambda device: device.id)))
 
 
 def context_mesh() -> jax.sharding.AbstractMesh | None:

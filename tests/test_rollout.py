@@ -1,6 +1,8 @@
 """Sampler schedule and rollout engine: exact schedule values, one compile per rollout, streaming
 equals one scan, seeded determinism, the selection path end to end against dense attention, prompt
-switches with KV recache, and input errors."""
+switches with KV recache, input errors; the rollout (default or supplied noise, prompt switch, a
+ground-truth prefix) against a hand-written loop over the public model call; compilations and the
+backends each op ran."""
 
 import dataclasses
 
@@ -15,6 +17,7 @@ from omnimem_jax.config import SamplerConfig
 from omnimem_jax.memory.store import init_store
 from omnimem_jax.model.wan import CausalWanModel
 from omnimem_jax.rollout import Rollout
+from omnimem_kernels.backends import Backends
 from tests.configs import tiny
 
 
@@ -144,3 +147,99 @@ def test_rollout_input_errors():
     next(rollout.stream([(0, cross), (1, cross)], num_chunks=4, segment_chunks=2))
   with pytest.raises(ValueError, match="store must hold"):
     next(rollout.stream([(0, cross)], num_chunks=2, store=init_store(config, 2, jnp.float32)))
+
+
+def hand_written_rollout(model, crosses, num_chunks, noise, key, *, recache_chunks=0, prefix=None):
+  """The rollout written out over the public model call and the sampler's update rule: chunk by chunk,
+  the denoising steps, the context pass, and at a prompt switch (`crosses[chunk]`) the KV recache of
+  the last `recache_chunks` chunks; the first chunks may be given (`prefix` [B, C, n f, H, W])."""
+  config, schedule = model.config, SamplerConfig()
+  table = sampler.step_table(schedule)
+  steps, frames = len(schedule.denoising_steps), config.memory.frames_per_chunk
+  shape = (1, config.in_channels, frames, config.latent_height, config.latent_width)
+  call = jax.jit(lambda x, t, cross, store, chunk: model(x, jnp.full((1,), t), cross, store, chunk))
+  store, chunks = init_store(config, 1, jnp.float32), []
+  given = 0 if prefix is None else prefix.shape[2] // frames
+  for chunk in range(given):
+    chunks.append(jnp.asarray(prefix[:, :, chunk * frames:(chunk + 1) * frames]))
+    store = call(chunks[-1], 0.0, crosses[0], store, chunk)[1]
+  cross = crosses[0]
+  for chunk in range(given, num_chunks):
+    if chunk in crosses and chunk > 0:
+      cross = crosses[chunk]
+      for old in range(max(0, chunk - recache_chunks), chunk):
+        store = call(chunks[old], 0.0, cross, store, old)[1]
+    x = noise(key, chunk, 0, shape)
+    for step in range(steps):
+      velocity, store = call(x, table["timestep"][step], cross, store, chunk)
+      x0 = sampler.clean_latents(x, velocity, table["sigma"][step])
+      x = sampler.renoise(x0, noise(key, chunk, step + 1, shape), table["sigma_next"][step])
+    store = call(x, table["timestep"][steps], cross, store, chunk)[1]  # the context pass (t = 0: x = x0)
+    chunks.append(x0)
+  return jnp.concatenate(chunks[given:], axis=2)
+
+
+def table_noise(num_chunks, seed=0):
+  """A supplied noise function: fresh random values per (chunk, step) from a table (the key unused);
+  steps 0 .. S + 1 (the context pass draws S + 1 and discards it)."""
+  steps = len(SamplerConfig().denoising_steps)
+  shape = (num_chunks, steps + 2, 1, 4, 3, 8, 16)
+  table = jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+  return lambda key, chunk, step, shape: table[chunk, step]
+
+
+@pytest.mark.parametrize("supplied", [False, True])
+def test_supplied_noise_rollout_matches_a_hand_written_loop(supplied):
+  """Stream with a prompt switch and its KV recache: the same noise gives the hand-written loop's latents
+  to float32 rounding (default noise: `sampler.gaussian_noise` of the seed's key)."""
+  model = CausalWanModel(tiny(local_attn_frames=6), rngs=nnx.Rngs(5))
+  first, second = text_cross(model, 0), text_cross(model, 1)
+  noise = table_noise(4) if supplied else sampler.gaussian_noise
+  rollout = Rollout(model, store_dtype=jnp.float32, noise=noise)
+  latents, _ = rollout.run([(0, first), (2, second)], num_chunks=4, seed=9, recache_chunks=2, segment_chunks=2)
+  expected = hand_written_rollout(model, {0: first, 2: second}, 4, noise, jax.random.key(9), recache_chunks=2)
+  assert relative_error(latents, expected) < 1e-5
+  np.testing.assert_allclose(latents, expected, rtol=1e-4, atol=1e-5)
+  assert rollout.compilations == {"segment": 1, "recache": 1}
+  if supplied:  # the noise really came from the table
+    default, _ = Rollout(model, store_dtype=jnp.float32).run([(0, first)], num_chunks=2, seed=9)
+    assert relative_error(latents[:, :, :6], default) > 0.1
+
+
+def test_ground_truth_prefix_then_generation_matches_a_hand_written_loop():
+  """`write_context` of given clean chunks, then `generate`: the state-level API eval_memory.py uses."""
+  model = CausalWanModel(tiny(local_attn_frames=6), rngs=nnx.Rngs(6))
+  cross = text_cross(model, 0)
+  prefix = np.random.default_rng(3).standard_normal((1, 4, 6, 8, 16)).astype(np.float32)
+  noise = table_noise(5, seed=1)
+  rollout = Rollout(model, store_dtype=jnp.float32, noise=noise)
+  config = model.config
+  rollout_cross = rollout.cross_kv(jax.random.normal(jax.random.key(0), (1, config.text_len, config.text_dim)))
+  state = rollout.write_context(rollout.init_state(4, recache_chunks=0), rollout_cross, prefix)
+  assert int(state.next_chunk) == 2
+  state, latents, _ = rollout.generate(state, rollout_cross, 3)
+  assert int(state.next_chunk) == 5 and latents.shape == (1, 4, 9, 8, 16)
+  expected = hand_written_rollout(model, {0: cross}, 5, noise, jax.random.key(4), prefix=prefix)
+  assert relative_error(latents, expected) < 1e-5
+  np.testing.assert_allclose(latents, expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(state.store.slot_chunk[:5], np.arange(5))
+  with pytest.raises(ValueError, match="context latents must be \\[1, 4, a multiple of 3 frames, 8, 16\\]"):
+    rollout.write_context(state, rollout_cross, prefix[:, :, :4])
+  with pytest.raises(ValueError, match="noise function must return arrays of shape"):
+    Rollout(model, store_dtype=jnp.float32, noise=lambda key, chunk, step, shape: jnp.zeros(3)).run(
+        [(0, cross)], num_chunks=1)
+
+
+def test_cross_kv_compiles_once_and_backends_used_names_each_op():
+  model = CausalWanModel(tiny(local_attn_frames=6), rngs=nnx.Rngs(7))
+  config = model.config
+  rollout = Rollout(model, store_dtype=jnp.float32, backends=Backends(selection="xla", topk="xla", dense="xla"))
+  texts = [jax.random.normal(jax.random.key(seed), (1, config.text_len, config.text_dim)) for seed in range(3)]
+  crosses = [rollout.cross_kv(text) for text in texts]
+  assert rollout.compilations == {"cross_kv": 1} and rollout.backends_used == {}
+  for cross, text in zip(crosses, texts, strict=True):
+    expected = model.cross_kv(text)
+    np.testing.assert_allclose(cross.k, expected.k, rtol=1e-5, atol=1e-6)
+  rollout.run([(0, crosses[0])], num_chunks=4, seed=0)
+  used = rollout.backends_used  # the dense op reaches a dispatcher only on some platforms
+  assert {"block_topk", "selection_attention"} <= set(used) and all(names == ["xla"] for names in used.values())

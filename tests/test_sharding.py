@@ -1,4 +1,5 @@
-"""Sharded rollouts on 4 fake CPU devices equal one device; store and mesh bookkeeping."""
+"""Sharded rollouts on 4 fake CPU devices equal one device; store and mesh bookkeeping; placement of
+trees by their logical axes and like a module's parameters."""
 
 import math
 
@@ -7,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, make_single_device_sharding
 
 from omnimem_jax import sharding
+from omnimem_jax.memory import store
 from omnimem_jax.model.wan import CausalWanModel
 from omnimem_jax.rollout import Rollout
 from tests.configs import tiny
@@ -59,6 +61,28 @@ def test_sharded_model_keeps_its_mesh():
   assert model.blocks.ffn.linear_out.kernel[...].sharding.spec == PartitionSpec(None, "model", None)
   assert sharding.module_mesh(model) is mesh
   assert Rollout(model, batch_size=2).mesh is mesh  # a model placed on a mesh rolls out on it
+
+
+def test_trees_are_placed_by_their_logical_axes_and_like_params():
+  mesh = sharding.make_mesh(2, 2)
+  store_shardings = sharding.tree_shardings(mesh, store.LOGICAL_AXES)  # the store's own declaration
+  assert store_shardings.layers.k.spec == PartitionSpec("data", "model", None, None, None, None)
+  assert store_shardings.layers.v_pooled.spec == PartitionSpec("data", "model", None, None, None)
+  assert store_shardings.slot_chunk.spec == PartitionSpec()
+  assert sharding.tree_shardings(mesh, sharding.CROSS_AXES).spec == PartitionSpec(None, "data", None, "model", None)
+  config = tiny()
+  tree = {"cache": np.arange(6, dtype=np.float32), "scalar": np.int32(3)}
+  on_mesh = sharding.shard_module(CausalWanModel(config, rngs=nnx.Rngs(0)), mesh)
+  assert {leaf.sharding for leaf in jax.tree.leaves(sharding.place_like_params(on_mesh, tree))} == {
+      NamedSharding(mesh, PartitionSpec())}
+  one_device_mesh = Mesh(jax.devices()[1:2], ("data",))  # how a restore without a mesh places a module
+  restored = sharding.shard_module(CausalWanModel(config, rngs=nnx.Rngs(0)), one_device_mesh)
+  assert sharding.module_mesh(restored) is None
+  placed = sharding.place_like_params(restored, tree)
+  assert {leaf.sharding for leaf in jax.tree.leaves(placed)} == {NamedSharding(one_device_mesh, PartitionSpec())}
+  np.testing.assert_array_equal(placed["cache"], tree["cache"])
+  plain = CausalWanModel(config, rngs=nnx.Rngs(0))
+  assert sharding.place_like_params(plain, tree)["cache"].sharding == make_single_device_sharding(jax.devices()[0])
 
 
 def test_mesh_errors():

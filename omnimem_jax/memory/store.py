@@ -44,6 +44,13 @@ class KVStore:
   slot_chunk: Int[Array, " slots"]
 
 
+# The logical axis names of every store array (`omnimem_jax.sharding.tree_shardings` maps them onto a
+# mesh): K/V [B, H, L, S, T, D] and pooled [B, H, L, S*NB, D] by heads and batch; the slot table replicated.
+_FULL_AXES = ("batch", "heads", "layers", "kv_blocks", None, "head_dim")
+_POOLED_AXES = ("batch", "heads", "layers", "kv_blocks", "head_dim")
+LOGICAL_AXES = KVStore(layers=LayerKV(_FULL_AXES, _FULL_AXES, _POOLED_AXES, _POOLED_AXES), slot_chunk=())
+
+
 def init_store(config: ModelConfig, batch_size: int, dtype: jnp.dtype = jnp.bfloat16,
                num_layers: int | None = None) -> KVStore:
   """An empty store (zeros, never `jnp.empty`: unused slots must not hold NaN garbage)."""
