@@ -107,7 +107,7 @@ def compressed_segments(slot_chunk: Int[Array, " slots"], chunk_index: Int[Array
   return starts, jnp.where(prefix, jnp.minimum(count, 1), count), jnp.where(prefix, count, 1) * blocks_per_chunk
 
 
-def _row_source(keys: Float[Array, "b h ..."], values: Float[Array, "b h ..."], layer_index: Int[Array, ""] | None
+def _row_source(keys: Float[Array, "b h ..."], values: Float[Array, "b h ..."], layer_index: int | Int[Array, ""] | None
                 ) -> tuple[Float[Array, "b h r d"], Float[Array, "b h r d"], Int[Array, ""] | int]:
   """A store's keys and values viewed as heads-major rows (free: the store's layout), and the row
   where layer `layer_index` starts in them (0 for one layer's store): a stacked store is read in
@@ -120,7 +120,7 @@ def _row_source(keys: Float[Array, "b h ..."], values: Float[Array, "b h ..."], 
 
 def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
                     chunk_index: Int[Array, ""], chunk_ids: Int[Array, " n"] | None, memory: MemoryConfig, *,
-                    backends: Backends = Backends(), layer_index: Int[Array, ""] | None = None
+                    backends: Backends = Backends(), layer_index: int | Int[Array, ""] | None = None
                     ) -> Float[Array, "b n h d"]:
   """Dense attention over the full-resolution K/V of the listed chunks (None: every slot) that are
   still stored: the sliding branch and the baselines.
@@ -137,7 +137,7 @@ def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[
 
 def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
                          chunk_index: Int[Array, ""], *, backends: Backends = Backends(),
-                         layer_index: Int[Array, ""] | None = None) -> Float[Array, "b n h d"]:
+                         layer_index: int | Int[Array, ""] | None = None) -> Float[Array, "b n h d"]:
   """Dense attention over the pooled K/V of every stored chunk 0..c (current chunk included); the
   store as in `chunk_attention`, the dense op on `backends.dense`."""
   keys, values, offset = _row_source(layer.k_pooled, layer.v_pooled, layer_index)
@@ -149,7 +149,7 @@ def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk:
 
 def selection_branch(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
                      chunk_index: Int[Array, ""], config: ModelConfig, *, backends: Backends = Backends(),
-                     layer_index: Int[Array, ""] | None = None
+                     layer_index: int | Int[Array, ""] | None = None
                      ) -> tuple[Float[Array, "b n h d"], Int[Array, "b h g k"]]:
   """Each (query group, head) attends to its own top-k blocks, read from the store's block view.
 

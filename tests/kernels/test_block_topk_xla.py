@@ -20,7 +20,8 @@ def test_default_preference_lists():
 
 def test_unknown_implementation_is_refused():
   qbar, k_pooled, candidates = (jnp.asarray(x) for x in make_inputs(0, *SHAPES["tiny"][:-1]))
-  with pytest.raises(ValueError, match=r"unknown block_topk implementation\(s\) \['cuda'\]; known: \['triton', 'xla'\]"):
+  unknown = r"unknown block_topk implementation\(s\) \['cuda'\]; known: \['triton', 'xla'\]"
+  with pytest.raises(ValueError, match=unknown):
     api.block_top_k(qbar, k_pooled, candidates, top_k=4, divisor=4.0, implementation="cuda")
 
 

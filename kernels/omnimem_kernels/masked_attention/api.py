@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from omnimem_kernels import dispatch
+from omnimem_kernels import dispatch, shapes
 from omnimem_kernels.masked_attention import reference
 
 
@@ -64,13 +64,7 @@ def default_implementations(platform: str | None = None) -> tuple[str, ...]:
 
 
 def _check_inputs(q, keys, values, key_mask, key_length) -> None:
-  if q.ndim != 4:
-    raise ValueError(f"q must be [batch, tokens, heads, head_dim], got shape {q.shape}")
-  batch, _, heads, head_dim = q.shape
-  if keys.ndim != 4 or keys.shape != values.shape or (keys.shape[0], keys.shape[2], keys.shape[3]) != (
-      batch, heads, head_dim):
-    raise ValueError(f"keys and values must both be [{batch}, m, {heads}, {head_dim}] (batch, heads, head_dim as q), "
-                     f"got {keys.shape} and {values.shape}")
+  shapes.check_queries_and_keys(q, keys, values, heads_major=False)
   if key_mask is not None and key_length is not None:
     raise ValueError("give key_mask or key_length, not both")
   if key_mask is not None and (key_mask.shape != (keys.shape[1],) or key_mask.dtype != jnp.bool_):
@@ -101,9 +95,9 @@ def masked_attention(q: Float[Array, "b n h d"], keys: Float[Array, "b m h d"], 
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   keys, values = keys.astype(q.dtype), values.astype(q.dtype)
   key_length = None if key_length is None else jnp.asarray(key_length, jnp.int32)
-  out = dispatch.dispatch("masked_attention", IMPLEMENTATIONS, dispatch.resolve(implementation,
-                                                                                default_implementations()),
-                          q, keys, values, key_mask, key_length, scale=scale, interpret=dispatch.interpret_mode(interpret))
+  names = dispatch.resolve(implementation, default_implementations())
+  out = dispatch.dispatch("masked_attention", IMPLEMENTATIONS, names, q, keys, values, key_mask, key_length,
+                          scale=scale, interpret=dispatch.interpret_mode(interpret))
   if key_mask is None and key_length is None:
     return out
   any_key = jnp.any(key_mask) if key_length is None else key_length > 0

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from omnimem_kernels import dispatch
+from omnimem_kernels import dispatch, shapes
 from omnimem_kernels.segment_attention import reference
 
 
@@ -59,13 +59,7 @@ def default_implementations(platform: str | None = None) -> tuple[str, ...]:
 
 
 def _check_inputs(q, keys, values, starts, count, length, max_rows) -> None:
-  if q.ndim != 4:
-    raise ValueError(f"q must be [batch, tokens, heads, head_dim], got shape {q.shape}")
-  batch, _, heads, head_dim = q.shape
-  if keys.ndim != 4 or keys.shape != values.shape or (keys.shape[0], keys.shape[1], keys.shape[3]) != (
-      batch, heads, head_dim):
-    raise ValueError(f"keys and values must both be [{batch}, {heads}, rows, {head_dim}] (batch, heads, rows, "
-                     f"head_dim as q), got {keys.shape} and {values.shape}")
+  shapes.check_queries_and_keys(q, keys, values, heads_major=True)
   if starts.ndim != 1 or not starts.shape[0] or jnp.ndim(count) or jnp.ndim(length):
     raise ValueError(f"starts must be [segments] (at least one entry), count and length scalars, got shapes "
                      f"{starts.shape}, {jnp.shape(count)}, {jnp.shape(length)}")
@@ -101,7 +95,6 @@ def segment_attention(q: Float[Array, "b n h d"], keys: Float[Array, "b h r d"],
   _check_inputs(q, keys, values, starts, count, length, max_rows)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   as_int = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
-  return dispatch.dispatch("segment_attention", IMPLEMENTATIONS, dispatch.resolve(implementation,
-                                                                                  default_implementations()),
-                           q, keys, values, as_int(starts), as_int(count), as_int(length), max_rows=max_rows,
-                           scale=scale, interpret=dispatch.interpret_mode(interpret))
+  names = dispatch.resolve(implementation, default_implementations())
+  return dispatch.dispatch("segment_attention", IMPLEMENTATIONS, names, q, keys, values, as_int(starts), as_int(count),
+                           as_int(length), max_rows=max_rows, scale=scale, interpret=dispatch.interpret_mode(interpret))
