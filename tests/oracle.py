@@ -1,6 +1,7 @@
-"""Float64 NumPy oracle of one layer's OmniMem self-attention, written from DESIGN.md section 3.
+"""Float64 NumPy oracle of one layer's OmniMem self-attention, written from docs/architecture.md,
+'Branches and gates' and 'Selection and Adaptive Window Exclusion'.
 
-Independent of the library: nothing here imports `omnimem_jax` or `kernels`. The store is simulated
+Independent of the library: nothing here imports `omnimem_jax` or `omnimem_kernels`. The store is simulated
 as a plain mapping, per batch element, slot -> (absolute chunk id, k [H, T, D], v [H, T, D]); every
 attention branch is built from explicit lists of key indices (slot, token) and a dense softmax.
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 
+from omnimem_kernels.backends import Backends
 from tests.configs import tiny
 from omnimem_jax.memory import store
 from omnimem_jax.model.attention import chunk_self_attention
@@ -36,7 +37,7 @@ def test_step_compiles_once_as_the_chunk_index_grows(mode):
   @jax.jit
   @chex.assert_max_traces(n=1)
   def step(q, k, v, layer, slot_chunk, chunk_index, gates):
-    out, layer = chunk_self_attention(q, k, v, layer, slot_chunk, chunk_index, gates, config)
+    out, layer, _ = chunk_self_attention(q, k, v, layer, slot_chunk, chunk_index, gates, config)
     return out, layer, store.assign_slot(slot_chunk, chunk_index, config.memory)
 
   layer, slot_chunk = empty_layer(config)
@@ -57,7 +58,7 @@ def test_bf16_store_and_activations(mode):
     for chunk in range(5):
       q, k, v, gates = (x.astype(dtype) for x in chunk_inputs(config, chunk))
       gates = gates if mode == "omnimem" else None
-      out, layer = chunk_self_attention(q, k, v, layer, slot_chunk, chunk, gates, config)
+      out, layer, _ = chunk_self_attention(q, k, v, layer, slot_chunk, chunk, gates, config)
       slot_chunk = store.assign_slot(slot_chunk, chunk, config.memory)
     assert out.dtype == dtype and layer.k.dtype == dtype and layer.k_pooled.dtype == dtype
     assert np.isfinite(np.asarray(out, np.float32)).all()
@@ -80,7 +81,7 @@ def test_bf16_store_and_activations(mode):
     (lambda a: {**a, "gate_logits": None}, "omnimem mode needs gate_logits of shape"),
     (lambda a: {**a, "gate_logits": a["gate_logits"][..., :2]}, r"got \(2, 96, 4, 2\)"),
     (lambda a: {**a, "config": tiny(mode="dense")}, "dense mode has no gates"),
-    (lambda a: {**a, "dense_implementation": "flash"}, "unknown dense_implementation 'flash'"),
+    (lambda a: {**a, "backends": Backends(dense="flash")}, r"unknown dense backend\(s\) \['flash'\]"),
 ])
 def test_bad_inputs_raise_clear_errors(change, match):
   config = tiny()
@@ -122,11 +123,16 @@ def test_stacked_store_in_place_equals_one_layer_store(mode):
   q, k, v, gates = chunk_inputs(config, seed=9)
   gates = gates if mode == "omnimem" else None
   with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: eager and jitted orders must agree
-    expected_out, expected_layer = chunk_self_attention(q, k, v, store.layer_kv(stacked, 2), slot_chunk, 5, gates,
-                                                        config)
-    out, layers = jax.jit(lambda s: chunk_self_attention(q, k, v, s, slot_chunk, 5, gates, config,
-                                                         layer_index=jnp.int32(2)))(stacked)
+    expected_out, expected_layer, expected_ids = chunk_self_attention(q, k, v, store.layer_kv(stacked, 2), slot_chunk,
+                                                                      5, gates, config)
+    out, layers, ids = jax.jit(lambda s: chunk_self_attention(q, k, v, s, slot_chunk, 5, gates, config,
+                                                              layer_index=jnp.int32(2)))(stacked)
   np.testing.assert_allclose(out, expected_out, rtol=1e-6, atol=1e-6)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # noqa: E731 (jit vs eager pooling)
   jax.tree.map(close, store.layer_kv(layers, 2), expected_layer)
   jax.tree.map(np.testing.assert_array_equal, store.layer_kv(layers, 0), store.layer_kv(stacked, 0))
+  if mode == "omnimem":  # layer-local ids, whichever store they came from
+    np.testing.assert_array_equal(ids, expected_ids)
+    assert int(np.max(ids)) < config.memory.capacity_chunks * config.blocks_per_chunk
+  else:
+    assert ids is None and expected_ids is None

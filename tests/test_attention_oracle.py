@@ -4,8 +4,9 @@ Every test runs chunks in sequence through `chunk_self_attention` (carrying the 
 the slot table) and through the oracle's simulated store, and checks after each chunk:
   - the output, norm-wise: ||jax - oracle|| / ||oracle|| < 1e-5;
   - the store: full-resolution K/V of every held slot and their pooled means;
-  - in "omnimem" mode, `select_blocks` ids against the oracle's selected block sets per (b, h, g),
-    with -1 padding only at the end and exactly min(top_k, candidates) valid ids.
+  - in "omnimem" mode, the ids the core returns against the oracle's selected block sets per (b, h, g),
+    with -1 padding only at the end and exactly min(top_k, candidates) valid ids; they must equal
+    `select_blocks` ids computed apart.
 The slot table handed to the core is the oracle's (before the write), and the one handed to
 `select_blocks` is the oracle's after the write, so the ring bookkeeping is checked independently.
 """
@@ -102,11 +103,12 @@ def jitted_step(config: ModelConfig):
   omnimem = config.memory.mode == "omnimem"
 
   def step(q, k, v, layer, slot_before, slot_after, chunk_index, gates):
-    out, layer = chunk_self_attention(q, k, v, layer, slot_before, chunk_index, gates if omnimem else None, config)
-    ids = None
+    out, layer, ids = chunk_self_attention(q, k, v, layer, slot_before, chunk_index, gates if omnimem else None,
+                                           config)
+    apart = None
     if omnimem:
-      ids = select_blocks(q.transpose(0, 2, 1, 3), layer.k_pooled, slot_after, chunk_index, config)
-    return out, layer, ids
+      apart = select_blocks(q.transpose(0, 2, 1, 3), layer.k_pooled, slot_after, chunk_index, config)
+    return out, layer, ids, apart
 
   return jax.jit(step)
 
@@ -131,10 +133,13 @@ class Rollout:
     before = self.store.slot_table()
     self.store.write(c, k, v)
     after = self.store.slot_table()
-    out, self.layer, ids = self.step_fn(
+    out, self.layer, ids, apart = self.step_fn(
         jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), self.layer, jnp.asarray(before), jnp.asarray(after),
         jnp.int32(c), None if gates is None else jnp.asarray(gates))
+    assert (ids is None) == (apart is None) == (self.ocfg.mode != "omnimem")
     ids = None if ids is None else np.asarray(ids)
+    if ids is not None:
+      np.testing.assert_array_equal(ids, np.asarray(apart))
     # The implementation's ids only decide near ties (float64 scores within 1e-5, not exactly equal).
     want = oracle.attend(self.store, q, c, gates, slot_table_before=before, near_tie_ids=ids, tie_tol=TIE_TOL)
     where = f"mode={self.ocfg.mode} chunk={c} slots={after.tolist()}"

@@ -16,7 +16,7 @@ from omnimem_jax.model.wan import CausalWanModel, count_parameters, masked_dense
 from tests.configs import tiny
 
 FIXTURES = "tests/fixtures"
-WAN_1_3B_PARAMETERS = 1_418_996_800  # wan-base-model.md section 1.1
+WAN_1_3B_PARAMETERS = 1_418_996_800  # docs/architecture.md, 'The Wan2.1 models'
 
 
 def relative_error(actual, expected):

@@ -9,12 +9,16 @@ preference list (`<op>.api.default_implementations`). The ops are
   topk:       `omnimem_kernels.block_topk` (query-shared block scoring + exact top-k)
   dense:      `omnimem_kernels.segment_attention` (the sliding and compressed branches, and the
               dense baselines: dense attention over row segments of the store)
+
+The model's cross-attention runs `omnimem_kernels.masked_attention` with that op's own defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+
+from omnimem_kernels import dispatch
 
 OPS = ("selection", "topk", "dense")
 
@@ -62,8 +66,7 @@ class Backends:
   def preferences(self, platform: str | None = None) -> dict[str, tuple[str, ...]]:
     """Each op's preference list on `platform` (default: this process's), defaults filled in."""
     defaults = default_implementations(platform)
-    return {op: defaults[op] if getattr(self, op) is None else
-            ((getattr(self, op),) if isinstance(getattr(self, op), str) else getattr(self, op)) for op in OPS}
+    return {op: dispatch.resolve(getattr(self, op), defaults[op]) for op in OPS}
 
   def to_dict(self) -> dict[str, Choice]:
     return {op: getattr(self, op) for op in OPS}

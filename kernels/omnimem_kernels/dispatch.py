@@ -27,6 +27,18 @@ def preference_list(preferences: Mapping[str, tuple[str, ...]], platform: str | 
   return preferences.get(platform_name() if platform is None else platform, ("xla",))
 
 
+def resolve(choice: str | Sequence[str] | None, defaults: tuple[str, ...]) -> tuple[str, ...]:
+  """The backends to try, in order: `choice` (one name or a preference list), or `defaults` when None."""
+  if choice is None:
+    return defaults
+  return (choice,) if isinstance(choice, str) else tuple(choice)
+
+
+def interpret_mode(interpret: bool | None) -> bool:
+  """Whether Pallas backends run in interpret mode: as asked, else on CPU (no Pallas hardware there)."""
+  return jax.default_backend() == "cpu" if interpret is None else interpret
+
+
 def dispatch(op: str, implementations: Mapping[str, Callable], names: Sequence[str], *args, **kwargs):
   """Calls the first of `names` that accepts the inputs; a backend refuses by raising NotImplementedError."""
   unknown = [name for name in names if name not in implementations]

@@ -3,7 +3,10 @@
 Per head and per group of `group_size` consecutive queries, the group-mean query scores every pooled
 key (fp32, no softmax, no sum over heads); the candidates of chunk c are the stored blocks of chunks
 0..c - exclude_window_chunks (all of 0..c while c < exclude_window_chunks with progressive
-exclusion), and the top_k of them become slot-major block ids, -1 where fewer candidates exist.
+exclusion), and the top_k of them become slot-major block ids, -1 where fewer candidates exist
+(docs/architecture.md, 'Selection and Adaptive Window Exclusion'). This module holds the model's
+side (group means, candidates, retrieval statistics); the scoring and the top-k are the
+`omnimem_kernels.block_topk` op, which picks its backend.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ def group_mean_queries(q: Float[Array, "b h n d"], group_size: int) -> Float[Arr
 
 def block_scores(q: Float[Array, "b h n d"], k_pooled: Float[Array, "b h blocks d"],
                  group_size: int) -> Float[Array, "b h g blocks"]:
-  """Query-shared logits qbar . kbar / sqrt(d) of every (group, head) for every stored block, fp32."""
+  """Query-shared logits qbar . kbar / sqrt(d) of every (group, head) for every stored block, fp32
+  (the scores `select_blocks` ranks, all of them: for diagnostics and tests)."""
   return block_topk_reference.block_scores(group_mean_queries(q, group_size), k_pooled, score_divisor(q.shape[-1]))
 
 
@@ -53,12 +57,17 @@ def candidate_blocks(slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Ar
 def select_blocks(q: Float[Array, "b h n d"], k_pooled: Float[Array, "b h blocks d"],
                   slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Array, ""],
                   config: ModelConfig, *, implementation: str | Sequence[str] | None = None,
-                  interpret: bool = False) -> Int[Array, "b h g k"]:
+                  interpret: bool | None = None) -> Int[Array, "b h g k"]:
   """Top-k slot-major block ids per (group, head), best first; ties go to the lower id; -1 pads.
 
-  `slot_chunk` must already record chunk c in its slot (see `store.assign_slot`).
-  `implementation`: the `omnimem_kernels.block_topk` backend or preference list (default per
-  platform); `interpret` runs Pallas backends in interpret mode (CPU tests).
+  Args:
+    q: the chunk's queries, heads-major.
+    k_pooled: one layer's pooled keys (slot-major blocks).
+    slot_chunk: the slot table, already recording chunk c in its slot (see `store.assign_slot`).
+    chunk_index: absolute chunk index c (may be traced).
+    config: geometry and memory configuration (group_size, top_k, exclusion).
+    implementation: the `omnimem_kernels.block_topk` backend or preference list (default per platform).
+    interpret: run Pallas backends in interpret mode; default: on CPU.
   """
   memory = config.memory
   candidates = candidate_blocks(slot_chunk, chunk_index, config)

@@ -1,6 +1,6 @@
 """Causal Wan2.1 DiT in Flax NNX, with OmniMem (or baseline) self-attention over the KV store.
 
-The architecture is exactly Wan2.1's (wan-base-model.md section 1): a Conv3d patch embedding; a
+The architecture is exactly Wan2.1's (docs/architecture.md, 'The Wan2.1 models'): a Conv3d patch embedding; a
 [cos, sin] timestep sinusoid, time MLP and 6-row modulation per block; non-affine LayerNorms around
 modulated self-attention and FFN; RMSNorm on q and k over the full width before the head split;
 an affine LayerNorm before unmasked, ungated cross-attention over the 512 text tokens; a GELU-tanh
@@ -30,16 +30,13 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from omnimem_kernels.backends import Backends
+from omnimem_kernels.masked_attention import masked_attention
 from omnimem_jax import sharding
 from omnimem_jax.config import ModelConfig
 from omnimem_jax.memory import select
-from omnimem_jax.memory.store import KVStore, LayerKV, assign_slot, layer_kv
+from omnimem_jax.memory.store import KVStore, LayerKV, assign_slot
 from omnimem_jax.model import rope
-from omnimem_jax.model.attention import (
-  GATE_ORDER,
-  chunk_self_attention,
-  cudnn_or_xla,
-)
+from omnimem_jax.model.attention import GATE_ORDER, chunk_self_attention
 from omnimem_jax.model.layout import from_block_order, to_block_order
 
 GATE_INIT_STDDEV = 1e-3  # official `initialize_gate`: g_proj ~ N(0, 1e-3), bias 0 (all gates ~0.5)
@@ -218,9 +215,7 @@ class WanBlock(nnx.Module):
     x_ca = layer_norm(x, self.eps, self.norm_cross_scale[...], self.norm_cross_bias[...]).astype(self.dtype)
     cross_k, cross_v = cross
     q = self.cross_attn.queries(x_ca)
-    implementation = cudnn_or_xla(q.dtype)
-    attended = jax.nn.dot_product_attention(q, cross_k.astype(q.dtype), cross_v.astype(q.dtype),
-                                            implementation=None if implementation == "xla" else implementation)
+    attended = masked_attention(q, cross_k, cross_v)
     x = x + self.cross_attn.project_out(attended).astype(jnp.float32)
 
     x_ffn = modulate(x, shift_ffn, scale_ffn, self.eps).astype(self.dtype)
@@ -376,8 +371,8 @@ class CausalWanModel(nnx.Module):
         3c..3c+2 must lie in the RoPE table: check the rollout length up front (`rope.check_frames`).
       backends: the backend of each attention op (`omnimem_kernels.backends`); default per platform.
       retrieval_histogram: omnimem mode: also return, per layer, how many selected blocks lie 0, 1, ...,
-        capacity_chunks chunks back ([num_layers, capacity_chunks + 1] int32; the selection is scored
-        once more for it).
+        capacity_chunks chunks back ([num_layers, capacity_chunks + 1] int32; from the block ids the
+        selection chose).
 
     Returns:
       (velocity [B, out_channels, frames_per_chunk, latent_h, latent_w] float32, updated store), plus the
@@ -405,11 +400,10 @@ class CausalWanModel(nnx.Module):
       """Self-attention of the heads (and batch entries) this device holds."""
       heads = q.shape[2]
       local = dataclasses.replace(c, dim=heads * c.head_dim, num_heads=heads)
-      out, layers = chunk_self_attention(q, k, v, layers, table, chunk, gate_logits, local,
-                                         backends=backends, layer_index=index)
+      out, layers, ids = chunk_self_attention(q, k, v, layers, table, chunk, gate_logits, local,
+                                              backends=backends, layer_index=index)
       if not retrieval_histogram:
         return out, layers, None
-      ids = select.select_blocks(q.transpose(0, 2, 1, 3), layer_kv(layers, index).k_pooled, new_table, chunk, local)
       histogram = select.retrieval_histogram(select.retrieval_distances(ids, new_table, chunk, local),
                                              c.memory.capacity_chunks)
       return out, layers, histogram if mesh is None else jax.lax.psum(histogram, sharding.MESH_AXES)

@@ -1,4 +1,4 @@
-"""cuDNN dense branches (length-masked, resident-first) against the XLA masked path, on a GPU."""
+"""cuDNN dense branches (gathered rows, valid rows first, length-masked) against the XLA path, on a GPU."""
 
 import dataclasses
 
@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from omnimem_kernels.backends import Backends
 from omnimem_jax.memory import store
 from omnimem_jax.model.attention import chunk_self_attention
 from tests.configs import tiny
@@ -20,8 +21,9 @@ def test_cudnn_dense_branches_match_xla_through_ring_reuse(mode):
   config = dataclasses.replace(tiny(mode=mode, local_attn_frames=6, capacity_chunks=4), dim=256)  # head_dim 64
   kv = store.init_store(config, 2, jnp.bfloat16, num_layers=1)
   layer, slot_chunk = store.layer_kv(kv.layers, 0), kv.slot_chunk
-  step = jax.jit(lambda *args, dense: chunk_self_attention(*args, config, implementation="xla",
-                                                           dense_implementation=dense), static_argnames="dense")
+  step = jax.jit(lambda *args, dense: chunk_self_attention(*args, config, backends=Backends(selection="xla",
+                                                                                             dense=dense))[:2],
+                 static_argnames="dense")
   rng = np.random.default_rng(0)
   shape = (2, config.tokens_per_chunk, config.num_heads, config.head_dim)
   for chunk in range(7):  # the ring wraps from chunk 4 on

@@ -1,9 +1,7 @@
-"""Segment attention (the dense branches' kernel) against a float64 oracle, and the model's
-"mosaic_gpu" (and "splash") dense paths against its XLA path through ring reuse and a rewound store.
-
-On CPU the "mosaic_gpu" dense path runs the XLA segment reference, which checks the segment
-bookkeeping (slots, resident-first order, the compressed prefix or one segment per slot); on a
-Hopper GPU the same tests run the kernel.
+"""Segment attention (the dense branches' op) against the shared suite on CPU backends (XLA, splash
+in interpret mode), the Mosaic GPU kernel's CPU-checkable parts, and the model's dense branches on
+every backend that runs here against XLA through ring reuse, a rewound store and a stacked store.
+GPU backends run the suite in test_segment_attention_gpu.py.
 """
 
 import dataclasses
@@ -13,77 +11,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from omnimem_kernels import dispatch
+from omnimem_kernels.backends import Backends
 from omnimem_kernels.segment_attention import api, pallas_mosaic_gpu
 from omnimem_jax.memory import store
 from omnimem_jax.model import attention
 from tests.configs import tiny
+from tests.kernels.segment_attention_suite import SegmentAttentionSuite, make_case, oracle, require_backend
 from tests.kernels.selection_attention_suite import relative_error
 
 
-def oracle(q, keys, values, starts, count, length):
-  """[b, n, h, d] float64: softmax over the segments' rows, listed explicitly."""
-  rows = [r for i in range(count) for r in range(starts[i], starts[i] + length)]
-  if not rows:
-    return np.zeros(q.shape)
-  logits = np.einsum("bnhd,bhmd->bhnm", q.astype(np.float64), keys[:, :, rows].astype(np.float64))
-  logits /= np.sqrt(q.shape[-1])
-  weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
-  weights /= weights.sum(axis=-1, keepdims=True)
-  return np.einsum("bhnm,bhmd->bnhd", weights, values[:, :, rows].astype(np.float64))
+class TestXlaSegmentAttention(SegmentAttentionSuite):
+  IMPLEMENTATION = "xla"
 
 
-# starts, count, length over a 576-row source (6 slots of 96 rows); 200 queries.
-CASES = {
-    "slots": ([480, 0, 192, 7], 3, 96),  # the last slot first: its last key tile runs past the source
-    "prefix_partial_tile": ([0, 0], 1, 250),  # 250 rows: a partial tile after the full one
-    "unaligned_starts": ([100, 3, 421, 299, 0], 4, 77),  # offsets 4, 3, 5, 3 inside 8-row tiles
-    "empty": ([0], 0, 96),
-    "long_segments": ([5, 300], 2, 270),  # unaligned, several tiles, last tile partial
-}
-
-
-def make_case(seed, name, batch=2, tokens=200, heads=2, head_dim=64, rows=576):
-  rng = np.random.default_rng(seed)
-  q = rng.standard_normal((batch, tokens, heads, head_dim)).astype(np.float32)
-  keys = rng.standard_normal((batch, heads, rows, head_dim)).astype(np.float32)
-  values = rng.standard_normal((batch, heads, rows, head_dim)).astype(np.float32)
-  starts, count, length = CASES[name]
-  return q, keys, values, np.asarray(starts, np.int32), count, length
-
-
-def _run(case, dtype, implementation):
-  q, keys, values, starts, count, length = case
-  cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
-  return api.segment_attention(cast(q), cast(keys), cast(values), jnp.asarray(starts), count, length,
-                               implementation=implementation)
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_xla_reference_matches_oracle(name):
-  case = make_case(0, name)
-  with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
-    out = _run(case, jnp.float32, "xla")
-  assert out.shape == case[0].shape
-  assert relative_error(out, oracle(*case)) < 1e-5 if case[4] else not np.asarray(out).any()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("splits", [None, 1, 2, 5])  # None: the default; 5 leaves some CTAs no key step
-def test_mosaic_gpu_matches_oracle(name, seed, splits):
-  if jax.devices()[0].compute_capability != "9.0":
-    pytest.skip("not a Hopper GPU")
-  q, keys, values, starts, count, length = make_case(seed, name)
-  rounded = [np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (q, keys, values)]
-  bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
-  out = pallas_mosaic_gpu.segment_attention(bf16(q), bf16(keys), bf16(values), jnp.asarray(starts), jnp.int32(count),
-                                            jnp.int32(length), scale=q.shape[-1] ** -0.5, splits=splits)
-  assert out.dtype == jnp.bfloat16 and out.shape == q.shape
-  if count:
-    assert relative_error(out, oracle(*rounded, starts, count, length)) < 1e-2
-  else:
-    assert not np.asarray(out, np.float32).any()
+@pytest.mark.skipif(jax.default_backend() not in ("cpu", "tpu"), reason="splash is a TPU kernel (interpret on CPU)")
+class TestSplashSegmentAttention(SegmentAttentionSuite):
+  IMPLEMENTATION = "splash"
 
 
 def _partial_softmax(q, keys, values, rows):
@@ -142,32 +86,59 @@ def test_bad_inputs_raise_clear_errors():
     api.segment_attention(q, keys[:, :1], values[:, :1], starts, count, length)
   with pytest.raises(ValueError, match=r"starts must be \[segments\]"):
     api.segment_attention(q, keys, values, starts[None], count, length)
+  with pytest.raises(ValueError, match=r"count must lie in \[0, 4\]"):
+    api.segment_attention(q, keys, values, starts, 5, length)
+  with pytest.raises(ValueError, match="3 segments of 96 rows exceed max_rows = 200"):
+    api.segment_attention(q, keys, values, starts, count, length, max_rows=200)
+
+
+def test_default_preference_lists():
+  assert api.default_implementations("gpu_hopper") == ("mosaic_gpu", "cudnn", "xla")
+  assert api.default_implementations("gpu") == ("cudnn", "xla")
+  assert api.default_implementations("tpu") == ("splash", "xla")
+  assert api.default_implementations("cpu") == ("xla",)
+
+
+def test_default_backend_by_platform_and_dtype():
+  """16-bit inputs take the platform's first backend; float32 falls through cuDNN and Mosaic to XLA."""
+  q, keys, values, starts, count, length = make_case(4, "slots")
+  platform = dispatch.platform_name()
+  for dtype, expected in ((jnp.bfloat16, {"gpu_hopper": "mosaic_gpu", "gpu": "cudnn", "tpu": "splash"}),
+                          (jnp.float32, {"tpu": "splash"})):
+    cast = lambda x, dtype=dtype: jnp.asarray(x, dtype)  # noqa: E731
+    with dispatch.recording() as ran:
+      api.segment_attention(cast(q), cast(keys), cast(values), jnp.asarray(starts), count, length)
+    assert ran["segment_attention"] == {expected.get(platform, "xla")}, dtype
+
+
 
 
 def _config(mode, capacity_chunks=6):
-  """head_dim 64; 6 slots: 144 pooled rows, enough for the kernel's 128-row key tiles."""
+  """head_dim 64; 6 slots: 144 pooled rows, enough for the Mosaic kernel's 128-row key tiles."""
   return dataclasses.replace(tiny(mode=mode, local_attn_frames=6, capacity_chunks=capacity_chunks), dim=256)
 
 
-@pytest.mark.parametrize("dense", ["mosaic_gpu", "splash"])
+def _step(config):
+  """chunk_self_attention (output and store) with XLA selection and the dense backend as a static argument."""
+  return jax.jit(lambda *args, dense, **kwargs: attention.chunk_self_attention(
+      *args, config, backends=Backends(selection="xla", dense=dense), **kwargs)[:2], static_argnames="dense")
+
+
+@pytest.mark.parametrize("dense", ["mosaic_gpu", "cudnn", "splash"])
 @pytest.mark.parametrize("mode", ["omnimem", "window", "sink_window", "dense"])
 def test_dense_path_matches_xla_through_ring_reuse(mode, dense):
-  """The segment kernel ("mosaic_gpu": bf16 on a GPU; on CPU f32 through the XLA segment reference,
-  exact bookkeeping) and splash ("splash": the TPU kernel, interpret mode on CPU) against the f32 XLA
-  path on the same (bf16-rounded) inputs. The selection branch's gate is clipped shut (weight
-  4.5e-5): bf16 and f32 scores may pick different blocks, and the selection kernels are tested
-  elsewhere."""
-  if dense == "splash" and jax.default_backend() not in ("cpu", "tpu"):
-    pytest.skip("splash is a TPU kernel (interpret mode on CPU)")
+  """Each dense backend that runs here (bf16 on a GPU; f32 in splash's interpret mode on CPU) against
+  the f32 XLA path on the same (bf16-rounded) inputs. The selection branch's gate is clipped shut
+  (weight 4.5e-5): bf16 and f32 scores may pick different blocks, and the selection kernels are
+  tested elsewhere."""
+  require_backend(dense)
   config = _config(mode)
   dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
   tolerance = 1e-2 if dtype == jnp.bfloat16 else 1e-5
   stores = {name: store.init_store(config, 2, d, num_layers=1) for name, d in (("tested", dtype), ("f32", jnp.float32))}
   layers = {name: store.layer_kv(kv.layers, 0) for name, kv in stores.items()}
   slot_chunk = stores["f32"].slot_chunk
-  step = jax.jit(lambda *args, dense: attention.chunk_self_attention(*args, config, implementation="xla",
-                                                                     dense_implementation=dense),
-                 static_argnames="dense")
+  step = _step(config)
   rng = np.random.default_rng(0)
   shape = (2, config.tokens_per_chunk, config.num_heads, config.head_dim)
   for chunk in range(9):  # the ring wraps from chunk 6 on
@@ -184,9 +155,12 @@ def test_dense_path_matches_xla_through_ring_reuse(mode, dense):
     assert relative_error(out, expected) < tolerance, chunk
 
 
-def test_rewound_store_uses_one_segment_per_slot():
+@pytest.mark.parametrize("dense", ["xla", "splash"])  # the f32 backends
+def test_rewound_store_uses_one_segment_per_slot(dense):
   """Chunks 0..4 written into 4 slots (chunk 4 replaced chunk 0 in slot 0), then chunk 2 attends
-  again: the slots holding chunks 0..2 are 1 and 2, not a prefix, so each is its own segment."""
+  again: the slots holding chunks 0..2 are 1 and 2, not a prefix, so each is its own segment. Both
+  dense branches read exactly slots 1 and 2 (float64 oracle over those rows)."""
+  require_backend(dense)
   config = _config("omnimem", capacity_chunks=4)
   kv = store.init_store(config, 1, jnp.float32, num_layers=1)
   layer, slot_chunk = store.layer_kv(kv.layers, 0), kv.slot_chunk
@@ -197,31 +171,32 @@ def test_rewound_store_uses_one_segment_per_slot():
                               jnp.int32(chunk), config)
     slot_chunk = store.assign_slot(slot_chunk, chunk, config.memory)
   q = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  starts, count, length = attention._compressed_segments(layer, slot_chunk, jnp.int32(2))
-  assert (int(count), int(length)) == (2, config.blocks_per_chunk)  # one segment per slot, not a prefix
-  assert sorted(np.asarray(starts)[:2].tolist()) == [config.blocks_per_chunk, 2 * config.blocks_per_chunk]
+  blocks, tokens = config.blocks_per_chunk, config.tokens_per_chunk
+  starts, count, length = attention.compressed_segments(slot_chunk, jnp.int32(2), blocks)
+  assert (int(count), int(length)) == (2, blocks)  # one segment per slot, not a prefix
+  assert sorted(np.asarray(starts)[:2].tolist()) == [blocks, 2 * blocks]
   recent = attention.attended_chunks(jnp.int32(2), config.memory)
+  backends = Backends(dense=dense)
+  rows = lambda x: np.asarray(x).reshape(1, config.num_heads, -1, config.head_dim)  # noqa: E731
   with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
-    for branch in (lambda impl: attention.compressed_attention(q, layer, slot_chunk, jnp.int32(2), impl),
-                   lambda impl: attention.chunk_attention(q, layer, slot_chunk, jnp.int32(2), recent,
-                                                          config.memory, impl)):
-      assert relative_error(jax.jit(branch, static_argnums=0)("mosaic_gpu"), branch("xla")) < 1e-5
+    compressed = jax.jit(lambda q: attention.compressed_attention(q, layer, slot_chunk, jnp.int32(2),
+                                                                  backends=backends))(q)
+    sliding = jax.jit(lambda q: attention.chunk_attention(q, layer, slot_chunk, jnp.int32(2), recent, config.memory,
+                                                          backends=backends))(q)
+  q64 = np.asarray(q, np.float64)
+  expected = oracle(q64, rows(layer.k_pooled), rows(layer.v_pooled), [blocks, 2 * blocks], 2, blocks)
+  assert relative_error(compressed, expected) < 1e-5
+  expected = oracle(q64, rows(layer.k), rows(layer.v), [tokens, 2 * tokens], 2, tokens)  # chunk 0 was evicted
+  assert relative_error(sliding, expected) < 1e-5
 
 
-def test_default_dense_implementation_by_platform():
-  device = jax.devices()[0]
-  if device.platform == "gpu":
-    expected = "mosaic_gpu" if device.compute_capability == "9.0" else "cudnn"
-  else:
-    expected = "xla"
-  assert attention.default_dense_implementation(jnp.bfloat16) == expected
-  assert attention.default_dense_implementation(jnp.float32) == "xla"
-
-
+@pytest.mark.parametrize("dense", ["xla", "splash", "cudnn", "mosaic_gpu"])
 @pytest.mark.parametrize("mode", ["omnimem", "window"])
-def test_stacked_store_read_in_place_matches_xla(mode):
-  """Layer 1 of a 3-layer store of random K/V, as the DiT runs it: the segment path reads the stacked
-  store at layer 1's row offset (a wrong offset reads another layer's keys)."""
+def test_stacked_store_read_in_place_matches_one_layer(mode, dense):
+  """Layer 1 of a 3-layer store of random K/V, as the DiT runs it: the dense op reads the stacked
+  store at layer 1's row offset (a wrong offset reads another layer's keys); expected: the same
+  layer held as one layer's store, through f32 XLA."""
+  require_backend(dense)
   config = _config(mode, capacity_chunks=5)
   dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
   kv = store.init_store(config, 1, dtype, num_layers=3)
@@ -232,10 +207,10 @@ def test_stacked_store_read_in_place_matches_xla(mode):
   gates = jnp.asarray(rng.standard_normal((*shape[:3], 3)), jnp.float32).at[..., 1].set(-10.0) if mode == "omnimem" \
       else None
   slot_chunk = jnp.asarray([0, 1, 2, 3, -1], jnp.int32)
-  step = jax.jit(lambda layers, dense: attention.chunk_self_attention(
-      q, k, v, layers, slot_chunk, jnp.int32(4), gates, config, implementation="xla", dense_implementation=dense,
-      layer_index=jnp.int32(1)), static_argnums=1)
+  step = _step(config)
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
   with jax.default_matmul_precision("highest"):
-    expected, _ = step(jax.tree.map(lambda x: x.astype(jnp.float32), layers), "xla")
-  out, _ = step(layers, "mosaic_gpu")
+    expected, _ = step(f32(q), f32(k), f32(v), jax.tree.map(f32, store.layer_kv(layers, 1)), slot_chunk, jnp.int32(4),
+                       gates, dense="xla")
+  out, _ = step(q, k, v, layers, slot_chunk, jnp.int32(4), gates, dense=dense, layer_index=jnp.int32(1))
   assert relative_error(out, expected) < (1e-2 if dtype == jnp.bfloat16 else 1e-5)

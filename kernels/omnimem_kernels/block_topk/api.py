@@ -27,7 +27,7 @@ def _xla(qbar, k_pooled, candidates, *, top_k, divisor, interpret):
 
 def _triton(qbar, k_pooled, candidates, *, top_k, divisor, interpret):
   if not interpret and jax.default_backend() != "gpu":
-    raise NotImplementedError("pallas triton runs on GPUs (or with interpret=True)")
+    raise NotImplementedError("pallas triton runs on GPUs (or in interpret mode)")
   from omnimem_kernels.block_topk import pallas_triton
   return pallas_triton.block_top_k(qbar, k_pooled, candidates, top_k=top_k, divisor=divisor, interpret=interpret)
 
@@ -47,7 +47,7 @@ def default_implementations(platform: str | None = None) -> tuple[str, ...]:
 
 def block_top_k(qbar: Float[Array, "b h g d"], k_pooled: Float[Array, "b h nblk d"], candidates: Bool[Array, " nblk"],
                 *, top_k: int, divisor: float, implementation: str | Sequence[str] | None = None,
-                interpret: bool = False) -> Int[Array, "b h g k"]:
+                interpret: bool | None = None) -> Int[Array, "b h g k"]:
   """Top-k block ids per (batch, head, group) among the candidates, int32, -1 padded.
 
   Args:
@@ -57,7 +57,7 @@ def block_top_k(qbar: Float[Array, "b h g d"], k_pooled: Float[Array, "b h nblk 
     top_k: ids kept per row.
     divisor: scores are `qbar . kbar / divisor` (sqrt(head_dim) for the model).
     implementation: a backend name or a preference list; default `default_implementations()`.
-    interpret: run Pallas backends in interpret mode (CPU tests).
+    interpret: run Pallas backends in interpret mode; default: on CPU.
   """
   if qbar.ndim != 4 or k_pooled.ndim != 4 or qbar.shape[:2] != k_pooled.shape[:2] or qbar.shape[3] != k_pooled.shape[3]:
     raise ValueError(f"qbar must be [batch, heads, groups, d] and k_pooled [batch, heads, blocks, d] with the same "
@@ -67,7 +67,6 @@ def block_top_k(qbar: Float[Array, "b h g d"], k_pooled: Float[Array, "b h nblk 
                      f"{list(candidates.shape)}")
   if top_k < 1:
     raise ValueError(f"top_k must be >= 1, got {top_k}")
-  names = default_implementations() if implementation is None else (
-      (implementation,) if isinstance(implementation, str) else tuple(implementation))
+  names = dispatch.resolve(implementation, default_implementations())
   return dispatch.dispatch("block_topk", IMPLEMENTATIONS, names, qbar, k_pooled, candidates, top_k=top_k,
-                           divisor=divisor, interpret=interpret)
+                           divisor=divisor, interpret=dispatch.interpret_mode(interpret))

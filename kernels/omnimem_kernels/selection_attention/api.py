@@ -27,7 +27,7 @@ def _xla(q, k_blocks, v_blocks, ids, *, scale, interpret):
 
 def _triton(q, k_blocks, v_blocks, ids, *, scale, interpret):
   if not interpret and jax.default_backend() != "gpu":
-    raise NotImplementedError("pallas triton runs on GPUs (or with interpret=True)")
+    raise NotImplementedError("pallas triton runs on GPUs (or in interpret mode)")
   from omnimem_kernels.selection_attention import pallas_triton
   return pallas_triton.selection_attention(q, k_blocks, v_blocks, ids, scale=scale, interpret=interpret)
 
@@ -99,7 +99,7 @@ def check_block_ids(ids: Int[Array, "..."], num_blocks: int) -> None:
 
 def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h nblk bt d"],
                         v_blocks: Float[Array, "b h nblk bt d"], ids: Int[Array, "b h g k"], *,
-                        implementation: str | Sequence[str] | None = None, interpret: bool = False,
+                        implementation: str | Sequence[str] | None = None, interpret: bool | None = None,
                         scale: float | None = None,
                         check_ids: bool = False) -> tuple[Float[Array, "b h n d"], Float[Array, "b h n"]]:
   """Attention of each group of queries over its own listed KV blocks.
@@ -110,7 +110,7 @@ def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h 
     ids: per (batch, head, group) the block indices to attend; -1 entries are skipped; a repeated id
       is attended as listed (its keys count twice).
     implementation: a backend name or a preference list; default `default_implementations()`.
-    interpret: run Pallas backends in interpret mode (CPU tests).
+    interpret: run Pallas backends in interpret mode; default: on CPU.
     scale: softmax scale, default 1 / sqrt(d).
     check_ids: range-check ids (interpret modes and gathers clamp silently).
 
@@ -122,7 +122,6 @@ def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h 
   if check_ids:
     check_block_ids(ids, k_blocks.shape[2])
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-  names = default_implementations() if implementation is None else (
-      (implementation,) if isinstance(implementation, str) else tuple(implementation))
+  names = dispatch.resolve(implementation, default_implementations())
   return dispatch.dispatch("selection_attention", IMPLEMENTATIONS, names, q, k_blocks, v_blocks, ids, scale=scale,
-                           interpret=interpret)
+                           interpret=dispatch.interpret_mode(interpret))

@@ -1,4 +1,5 @@
-"""The scoring + top-k Triton kernels (interpret mode on CPU) against `select_blocks`' XLA path."""
+"""The scoring + top-k Triton kernels against the shared suite (interpret mode on CPU; on a GPU too)
+and against `select_blocks`' XLA path."""
 
 import dataclasses
 
@@ -10,6 +11,18 @@ import pytest
 from omnimem_jax.memory import select
 from omnimem_jax.memory.store import assign_slot
 from tests.configs import tiny
+from tests.kernels.block_topk_suite import BlockTopKSuite
+
+
+class TestTritonInterpret(BlockTopKSuite):
+  IMPLEMENTATION = "triton"
+  INTERPRET = True
+
+
+@pytest.mark.gpu
+class TestTritonGpu(BlockTopKSuite):
+  IMPLEMENTATION = "triton"
+  INTERPRET = False
 
 
 def _scores(q, k_pooled, config, slot_chunk, chunk):
@@ -60,7 +73,7 @@ def test_real_head_dim_and_top_k_with_ties():
 
 def test_unknown_implementation_is_refused():
   config = tiny()
-  with pytest.raises(ValueError, match="unknown top-k implementation 'cuda'"):
+  with pytest.raises(ValueError, match=r"unknown block_topk implementation\(s\) \['cuda'\]"):
     select.select_blocks(jnp.zeros((1, config.num_heads, config.tokens_per_chunk, config.head_dim)),
                          jnp.zeros((1, config.num_heads, 8 * config.blocks_per_chunk, config.head_dim)),
                          jnp.arange(8, dtype=jnp.int32), 3, config, implementation="cuda")
