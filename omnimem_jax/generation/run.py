@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, UInt8
-from omnimem_kernels import dispatch
 
 from omnimem_jax import checkpoints, io, sharding
 from omnimem_jax.config import SamplerConfig
@@ -61,7 +60,7 @@ class ChunkDecoder:
     if self.vae is not None:
       self._decode = jit_decode_chunk(self.vae)
       config = plan.config
-      self._cache = checkpoints.place_like_params(
+      self._cache = sharding.place_like_params(
           self.vae, self.vae.init_decode_cache(plan.batch_size, config.latent_height, config.latent_width))
 
   def __call__(self, latents: Float[np.ndarray, "b c f h w"], *, first: bool) -> UInt8[np.ndarray, "b t h w 3"]:
@@ -128,7 +127,7 @@ class Streamed:
   latents: Float[np.ndarray, "b c f h w"]
   histograms: np.ndarray | None  # [chunks, layers, bins], omnimem mode with statistics only
   decode_seconds: float  # decoding and writing, summed over chunks
-  backends_used: dict[str, list[str]]  # op -> backends dispatch ran while the rollout traced
+  backends_used: dict[str, list[str]]  # op -> backends the rollout's compiled functions run
 
 
 def stream_chunks(plan: Plan, rollout: Rollout, prompts: list[tuple[int, CrossKV]], decode: ChunkDecoder,
@@ -136,22 +135,21 @@ def stream_chunks(plan: Plan, rollout: Rollout, prompts: list[tuple[int, CrossKV
   """Rolls out every chunk, decoding and appending each to the mp4 as it arrives; one progress line
   per chunk."""
   latents, histograms, wall, decode_seconds = [], [], [], 0.0
-  with dispatch.recording() as used:
-    for segment in rollout.stream(prompts, plan.num_chunks, plan.options.seed, recache_chunks=plan.recache_chunks):
-      chunk_start = time.perf_counter() - segment.seconds
-      chunk_latents = np.asarray(segment.latents, np.float32)  # [B, C, 3, H, W]
-      video = decode(chunk_latents, first=segment.first_chunk == 0)
-      writer.write(tile_batch(video))
-      latents.append(chunk_latents)
-      if segment.retrieval is not None:
-        histograms.append(np.asarray(segment.retrieval))
-      wall.append(time.perf_counter() - chunk_start)
-      decode_seconds += wall[-1] - segment.seconds
-      print(report.format_progress(segment.first_chunk, plan.num_chunks, segment.seconds, video.shape[1],
-                                   report.eta_seconds(wall, plan.num_chunks)), file=progress, flush=True)
+  for segment in rollout.stream(prompts, plan.num_chunks, plan.options.seed, recache_chunks=plan.recache_chunks):
+    chunk_start = time.perf_counter() - segment.seconds
+    chunk_latents = np.asarray(segment.latents, np.float32)  # [B, C, 3, H, W]
+    video = decode(chunk_latents, first=segment.first_chunk == 0)
+    writer.write(tile_batch(video))
+    latents.append(chunk_latents)
+    if segment.retrieval is not None:
+      histograms.append(np.asarray(segment.retrieval))
+    wall.append(time.perf_counter() - chunk_start)
+    decode_seconds += wall[-1] - segment.seconds
+    print(report.format_progress(segment.first_chunk, plan.num_chunks, segment.seconds, video.shape[1],
+                                 report.eta_seconds(wall, plan.num_chunks)), file=progress, flush=True)
   return Streamed(latents=np.concatenate(latents, axis=2),
                   histograms=np.concatenate(histograms) if histograms else None, decode_seconds=decode_seconds,
-                  backends_used={op: sorted(names) for op, names in sorted(used.items())})
+                  backends_used=rollout.backends_used)
 
 
 def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None) -> dict[str, Any]:
