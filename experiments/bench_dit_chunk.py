@@ -25,7 +25,7 @@ from flax import nnx
 
 from omnimem_kernels import dispatch
 from omnimem_kernels.backends import Backends
-from omnimem_jax import benchmarking
+from omnimem_jax import benchmarking, environment
 from omnimem_jax.config import ModelConfig
 from omnimem_jax.memory.store import KVStore, LayerKV, init_store, layer_kv
 from omnimem_jax.model.wan import CausalWanModel, count_parameters
@@ -106,7 +106,7 @@ def time_mode(mode: str, backends: Backends) -> dict:
       "parameters": count_parameters(model), "compile_s": compile_s, "backends_ran": benchmarking.backends_ran(ran),
       "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
       "argument_bytes": getattr(memory, "argument_size_in_bytes", None), **timing.to_dict(),
-      "flops": chunk_flops(config, chunk), "process_peak_bytes_in_use": benchmarking.peak_device_bytes(),
+      "flops": chunk_flops(config, chunk), "process_peak_bytes_in_use": environment.peak_device_bytes(),
       "store_bytes": sum(x.nbytes for x in jax.tree.leaves(state["store"])),
       "finite": bool(jnp.isfinite(call()).all()),
   }

@@ -13,12 +13,8 @@ benchmark's absl flags and the kernel backends it asked for, written atomically
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import os
-import platform
-import shutil
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,11 +24,10 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
+from omnimem_jax.environment import device, git_state, versions
 from omnimem_jax.io import write_json
 from omnimem_kernels.backends import Backends
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "numpy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,56 +96,7 @@ def device_ceilings(*, reps: int = 7, inner: int = 5, copy_bytes: int | None = N
           "matmul_ms": matmul_ms, "matmul_size": size}
 
 
-def peak_device_bytes() -> int | None:
-  """Peak bytes in use on the first device so far, or None where the backend keeps no statistics (CPU)."""
-  stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  return None if peak is None else int(peak)
-
-
 # ---- the record --------------------------------------------------------------------------------
-
-
-def _command_output(*command: str) -> str | None:
-  """stdout of `command` (stripped), or None when it is missing or fails."""
-  if shutil.which(command[0]) is None:
-    return None
-  try:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True, cwd=REPO_ROOT)
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return result.stdout.strip()
-
-
-def nvidia_driver() -> str | None:
-  """The NVIDIA driver version, where `nvidia-smi` is available."""
-  output = _command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
-  return output.splitlines()[0].strip() if output else None
-
-
-def versions() -> dict[str, str | None]:
-  """Python, JAX, jaxlib, Flax and NumPy versions, and the NVIDIA driver where there is one."""
-  found: dict[str, str | None] = {"python": platform.python_version()}
-  for package in VERSIONED_PACKAGES:
-    try:
-      found[package] = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-      found[package] = None
-  found["nvidia_driver"] = nvidia_driver()
-  return found
-
-
-def git_state() -> dict[str, str | bool | None]:
-  """The checkout's commit and whether tracked files differ from it (None outside a git checkout)."""
-  commit = _command_output("git", "rev-parse", "HEAD")
-  changes = None if commit is None else _command_output("git", "status", "--porcelain", "--untracked-files=no")
-  return {"commit": commit, "dirty": None if changes is None else bool(changes)}
-
-
-def device() -> dict[str, str | int]:
-  """The first device's kind and platform, and how many devices the process sees."""
-  first = jax.devices()[0]
-  return {"device": first.device_kind, "platform": first.platform, "device_count": jax.device_count()}
 
 
 def flag_values(values: flags.FlagValues = flags.FLAGS) -> dict[str, Any]:

@@ -5,15 +5,12 @@ retrieval statistics, versions, device)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import platform
 from typing import Any
 
-import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omnimem_jax import environment
 from omnimem_jax.config import store_bytes
 from omnimem_jax.generation.options import DEFAULT_PRESET
 from omnimem_jax.generation.plan import Plan, architecture, video_frames_of_chunks
@@ -35,23 +32,6 @@ class RunFacts:
   peak_device_bytes: int | None
   histograms: np.ndarray | None  # [chunks, layers, bins] retrieval histograms, or None
   backends_used: dict[str, list[str]]  # op -> kernel backends that ran
-
-
-def versions() -> dict[str, str]:
-  return {"python": platform.python_version(), "jax": jax.__version__,
-          "jaxlib": importlib.metadata.version("jaxlib"), "flax": flax.__version__, "numpy": np.__version__,
-          "orbax-checkpoint": importlib.metadata.version("orbax-checkpoint")}
-
-
-def device() -> dict[str, Any]:
-  first = jax.devices()[0]
-  return {"platform": first.platform, "kind": first.device_kind, "count": jax.device_count()}
-
-
-def peak_memory_bytes() -> int | None:
-  """Peak bytes in use on the first device, or None where the backend keeps no statistics (CPU)."""
-  stats = jax.devices()[0].memory_stats()
-  return None if not stats or "peak_bytes_in_use" not in stats else int(stats["peak_bytes_in_use"])
 
 
 def retrieval_summary(histograms: np.ndarray, window_chunks: int) -> dict[str, Any]:
@@ -77,7 +57,7 @@ def opening_lines(plan: Plan, dtype: str) -> list[str]:
   """The plan's notes, then what is generated on which device."""
   config = plan.config
   return [*plan.notes, f"generating {plan.num_chunks} chunks = {plan.frames} frames ({plan.frames / config.fps:.2f} s "
-                       f"at {config.fps} fps), {config.memory.mode} attention, {dtype} on {device()['kind']}"]
+                       f"at {config.fps} fps), {config.memory.mode} attention, {dtype} on {environment.device()['device']}"]
 
 
 def eta_seconds(wall: list[float], num_chunks: int) -> float | None:
@@ -173,6 +153,6 @@ def build_report(plan: Plan, facts: RunFacts) -> dict[str, Any]:
       "backends": backends_section(plan, facts.backends_used),
       "retrieval": (None if facts.histograms is None else
                     retrieval_summary(facts.histograms, config.memory.window_chunks)),
-      "versions": versions(),
-      "device": device(),
+      "versions": environment.versions(),
+      "device": environment.device(),
   }

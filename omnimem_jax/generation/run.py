@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, UInt8
 
-from omnimem_jax import checkpoints, io, sharding
+from omnimem_jax import environment, io, sharding
 from omnimem_jax.config import SamplerConfig
 from omnimem_jax.convert import umt5, wan_dit, wan_vae
 from omnimem_jax.generation import report
@@ -167,7 +167,7 @@ def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None
       print(line, file=out, flush=True)
     rollout, prompts = build_rollout(plan, dtype)
     streamed = stream_chunks(plan, rollout, prompts, ChunkDecoder(plan), writer, progress)
-    peak_bytes = report.peak_memory_bytes()
+    peak_bytes = environment.peak_device_bytes()
   if plan.latents is not None:
     io.atomic_write(plan.latents, lambda file: np.save(file, streamed.latents))
   facts = report.RunFacts(
