@@ -20,9 +20,10 @@ from omnimem_kernels import dispatch
 from omnimem_jax import checkpoints, io, sharding
 from omnimem_jax.config import SamplerConfig
 from omnimem_jax.convert import umt5, wan_dit, wan_vae
+from omnimem_jax.generation import plan as planning
 from omnimem_jax.generation import report
 from omnimem_jax.generation.options import GenerateOptions
-from omnimem_jax.generation.plan import Plan, plan
+from omnimem_jax.generation.plan import Plan
 from omnimem_jax.model import text
 from omnimem_jax.model.vae import jit_decode_chunk, to_uint8
 from omnimem_jax.model.wan import CausalWanModel, CrossKV
@@ -187,4 +188,4 @@ def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None
 
 def generate(options: GenerateOptions, **kwargs: Any) -> dict[str, Any]:
   """plan + run: validates, then generates; returns the report."""
-  return run(plan(options), **kwargs)
+  return run(planning.plan(options), **kwargs)
