@@ -19,9 +19,10 @@ from jaxtyping import Array, Float, UInt8
 from omnimem_jax import environment, io, sharding
 from omnimem_jax.config import SamplerConfig
 from omnimem_jax.convert import umt5, wan_dit, wan_vae
+from omnimem_jax.generation import plan as planning
 from omnimem_jax.generation import report
 from omnimem_jax.generation.options import GenerateOptions
-from omnimem_jax.generation.plan import Plan, plan
+from omnimem_jax.generation.plan import Plan
 from omnimem_jax.model import text
 from omnimem_jax.model.vae import jit_decode_chunk, to_uint8
 from omnimem_jax.model.wan import CausalWanModel, CrossKV
@@ -185,4 +186,4 @@ def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None
 
 def generate(options: GenerateOptions, **kwargs: Any) -> dict[str, Any]:
   """plan + run: validates, then generates; returns the report."""
-  return run(plan(options), **kwargs)
+  return run(planning.plan(options), **kwargs)
