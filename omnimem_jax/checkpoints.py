@@ -225,6 +225,18 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
   return tree
 
 
+def restore_configured(directory: str | os.PathLike, kind: Kind, config_type: Any,
+                       module_type: Callable[..., nnx.Module], *, dtype: str | None = None,
+                       mesh: Mesh | None = None) -> nnx.Module:
+  """`module_type(config, rngs=...)` restored from a checkpoint of `kind` whose record holds a
+  `config_type.to_dict()`; `dtype` (a config field) overrides the activation dtype, `mesh` shards the
+  parameters by their logical axis names."""
+  config = config_type.from_dict(read_record(directory, kind).config)
+  if dtype is not None:
+    config = dataclasses.replace(config, dtype=dtype)
+  return restore_module(directory, lambda: module_type(config, rngs=nnx.Rngs(0)), mesh=mesh)
+
+
 def module_with_params(create: Callable[[], nnx.Module], params: Mapping[str, Any]) -> nnx.Module:
   """`create()` built abstractly (no random init) and filled with `params`, a pure dict of arrays."""
   graphdef, state = nnx.split(nnx.eval_shape(create))

@@ -16,7 +16,6 @@ layer axis, as `UMT5Layers` holds them.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -29,7 +28,8 @@ import numpy as np
 from flax import nnx
 
 from omnimem_jax import checkpoints
-from omnimem_jax.convert.state_dict import check_names_and_shapes, linear_kernel, load_state_dict
+from omnimem_jax.convert.files import convert_file
+from omnimem_jax.convert.state_dict import check_names_and_shapes, linear_kernel
 from omnimem_jax.model.text import TextEncoderConfig, UMT5Encoder
 
 CHECKPOINT_KIND = checkpoints.Kind.TEXT_ENCODER
@@ -130,21 +130,13 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
                        overwrite: bool = False) -> Path:
   """Reads a umT5 encoder checkpoint (HF safetensors or Wan .pth), converts it for `config` (its
   param_dtype is the stored dtype) and writes an Orbax checkpoint to `output`. Returns the output path."""
-  checkpoints.check_conversion_paths([checkpoint], output, overwrite=overwrite)
-  state = load_state_dict(checkpoint)
-  layout = detect_layout(state)
-  params = text_encoder_params(state, config)
-  record = checkpoints.CheckpointRecord(kind=CHECKPOINT_KIND, config=config.to_dict(), layout=layout,
-                                       source=Path(checkpoint).name)
-  return checkpoints.save_checkpoint(output, params, record, overwrite=overwrite)
+  return convert_file(checkpoint, output, config, kind=CHECKPOINT_KIND, to_params=text_encoder_params,
+                      detect_layout=detect_layout, overwrite=overwrite)
 
 
 def restore_text_encoder(directory: str | os.PathLike, *, dtype: str | None = None,
                          mesh: jax.sharding.Mesh | None = None) -> UMT5Encoder:
   """A `UMT5Encoder` restored from `convert_checkpoint` output; `dtype` overrides the activation
   dtype; `mesh` shards the parameters by their logical axis names (heads, mlp on "model")."""
-  record = checkpoints.read_record(directory, CHECKPOINT_KIND)
-  config = TextEncoderConfig.from_dict(record.config)
-  if dtype is not None:
-    config = dataclasses.replace(config, dtype=dtype)
-  return checkpoints.restore_module(directory, lambda: UMT5Encoder(config, rngs=nnx.Rngs(0)), mesh=mesh)
+  return checkpoints.restore_configured(directory, CHECKPOINT_KIND, TextEncoderConfig, UMT5Encoder, dtype=dtype,
+                                       mesh=mesh)

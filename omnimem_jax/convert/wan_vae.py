@@ -16,7 +16,6 @@ and transposed to channel-last: Conv3d `[o, i, t, h, w] -> [t, h, w, i, o]`, Con
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -29,8 +28,9 @@ import numpy as np
 from flax import nnx
 
 from omnimem_jax import checkpoints
+from omnimem_jax.convert.files import convert_file
 from omnimem_jax.convert.state_dict import (StateDict, check_names_and_shapes, conv_kernel, flatten,
-                                            load_state_dict, nest)
+                                            nest)
 from omnimem_jax.model.vae import VAEConfig, WanVAE
 
 CHECKPOINT_KIND = checkpoints.Kind.VAE
@@ -149,21 +149,12 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
                        overwrite: bool = False) -> Path:
   """Reads a VAE checkpoint (diffusers safetensors or original .pth), converts it for `config` (its
   param_dtype is the stored dtype) and writes an Orbax checkpoint to `output`. Returns the output path."""
-  checkpoints.check_conversion_paths([checkpoint], output, overwrite=overwrite)
-  state = load_state_dict(checkpoint)
-  layout = detect_layout(state)
-  params = vae_params(state, config)
-  record = checkpoints.CheckpointRecord(kind=CHECKPOINT_KIND, config=config.to_dict(), layout=layout,
-                                       source=Path(checkpoint).name)
-  return checkpoints.save_checkpoint(output, params, record, overwrite=overwrite)
+  return convert_file(checkpoint, output, config, kind=CHECKPOINT_KIND, to_params=vae_params, detect_layout=detect_layout,
+                      overwrite=overwrite)
 
 
 def restore_vae(directory: str | os.PathLike, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None
                 ) -> WanVAE:
   """A `WanVAE` restored from `convert_checkpoint` output; `dtype` overrides the activation dtype
   (e.g. "bfloat16" for a faster decode), `mesh` places the (replicated) parameters."""
-  record = checkpoints.read_record(directory, CHECKPOINT_KIND)
-  config = VAEConfig.from_dict(record.config)
-  if dtype is not None:
-    config = dataclasses.replace(config, dtype=dtype)
-  return checkpoints.restore_module(directory, lambda: WanVAE(config, rngs=nnx.Rngs(0)), mesh=mesh)
+  return checkpoints.restore_configured(directory, CHECKPOINT_KIND, VAEConfig, WanVAE, dtype=dtype, mesh=mesh)
