@@ -18,15 +18,18 @@ For each mode and each of --num_videos held-out worlds (seeds never used in trai
 Writes JSON (and a PNG plot with --plot, default next to the JSON) atomically.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from absl import app, flags, logging
+
+from omnimem_jax import cli
 
 if TYPE_CHECKING:
   from omnimem_kernels.backends import Backends
@@ -47,21 +50,16 @@ MODES = ("omnimem", "window", "dense")
 WORLD_SEED_BASE = 10**9  # training draws world seeds below 2**31 - 1 from its own generator; see report
 
 
-def _error(message: object) -> NoReturn:
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-  sys.exit(2)
-
-
 def _parse_checkpoints() -> dict[str, Path]:
   if not _CHECKPOINTS.value:
-    _error("--checkpoints is required: mode:path pairs, e.g. omnimem:assets/demo_checkpoint")
+    cli.fail("--checkpoints is required: mode:path pairs, e.g. omnimem:assets/demo_checkpoint")
   result = {}
   for item in _CHECKPOINTS.value:
     mode, sep, path = item.partition(":")
     if not sep or mode not in MODES:
-      _error(f"--checkpoints entry {item!r} must be mode:path with mode in {MODES}")
+      cli.fail(f"--checkpoints entry {item!r} must be mode:path with mode in {MODES}")
     if not (Path(path) / "omnimem.json").is_file():
-      _error(f"--checkpoints {mode}: {path} is not an exported checkpoint (no omnimem.json)")
+      cli.fail(f"--checkpoints {mode}: {path} is not an exported checkpoint (no omnimem.json)")
     result[mode] = Path(path)
   return result
 
@@ -167,14 +165,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    _error(f"unexpected arguments {argv[1:]}")
+    cli.fail(f"unexpected arguments {argv[1:]}")
   checkpoints = _parse_checkpoints()
   for flag in (_NUM_VIDEOS, _NUM_CHUNKS, _RECALL_CHUNKS):
     if flag.value < 1:
-      _error(f"--{flag.name} must be >= 1, got {flag.value}")
+      cli.fail(f"--{flag.name} must be >= 1, got {flag.value}")
   output = Path(_OUTPUT.value)
   if output.suffix != ".json":
-    _error(f"--output={output} must end in .json")
+    cli.fail(f"--output={output} must end in .json")
   plot_path = None if _PLOT.value == "none" else Path(_PLOT.value or output.with_suffix(".png"))
   logging.set_verbosity(logging.WARNING)
   import jax  # noqa: PLC0415
@@ -187,13 +185,13 @@ def main(argv: Sequence[str]) -> None:
   try:
     backends = Backends.parse(_BACKENDS.value)
   except ValueError as err:
-    _error(f"--backends: {err}")
+    cli.fail(f"--backends: {err}")
 
   worlds = {mode: ckpt.read_record(path, ckpt.Kind.DIT).training["world"] for mode, path in checkpoints.items()}
   period_chunks = synthetic.WorldConfig(**next(iter(worlds.values()))).period_chunks
   prefix = int(period_chunks) if _PREFIX.value is None else _PREFIX.value
   if not 1 <= prefix < _NUM_CHUNKS.value:
-    _error(f"--prefix_chunks={prefix} must lie in [1, --num_chunks={_NUM_CHUNKS.value})")
+    cli.fail(f"--prefix_chunks={prefix} must lie in [1, --num_chunks={_NUM_CHUNKS.value})")
   results = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
              "jax": jax.__version__, "num_videos": _NUM_VIDEOS.value, "num_chunks": _NUM_CHUNKS.value,
              "prefix_chunks": prefix, "world_seeds": f"{WORLD_SEED_BASE} + video index",
@@ -221,4 +219,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

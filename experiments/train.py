@@ -13,13 +13,13 @@ experiments/generate.py (--checkpoint) and experiments/eval_memory.py read. Bad 
 """
 
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from absl import app, flags, logging
+
+from omnimem_jax import cli
 
 _MODE = flags.DEFINE_enum("mode", "omnimem", ["omnimem", "window", "dense"], "Attention mode to train.")
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Directory of the run's Orbax checkpoints and log (resumes).")
@@ -42,31 +42,26 @@ _LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Print and log the loss every
 _EXPORT = flags.DEFINE_string("export", None, "Write the EMA weights here as a wan_dit checkpoint at the end.")
 
 
-def _error(message: object) -> NoReturn:
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-  sys.exit(2)
-
-
 def _validate() -> None:
   if _RUN_DIR.value is None:
-    _error("--run_dir is required (checkpoints and the loss log go there)")
+    cli.fail("--run_dir is required (checkpoints and the loss log go there)")
   for flag in (_STEPS, _BATCH, _CHUNKS, _WARMUP, _DIM, _LAYERS, _SAVE_EVERY, _LOG_EVERY, _WORLD_WIDTH, _SPEED):
     if flag.value < 1:
-      _error(f"--{flag.name} must be >= 1, got {flag.value}")
+      cli.fail(f"--{flag.name} must be >= 1, got {flag.value}")
   if _TIME_BUDGET.value is not None and not _TIME_BUDGET.value > 0:
-    _error(f"--time_budget_s must be > 0, got {_TIME_BUDGET.value}")
+    cli.fail(f"--time_budget_s must be > 0, got {_TIME_BUDGET.value}")
   if _DIM.value % 32:
-    _error(f"--dim must be a multiple of 32 (heads of 32), got {_DIM.value}")
+    cli.fail(f"--dim must be a multiple of 32 (heads of 32), got {_DIM.value}")
   if _EXPORT.value is not None and Path(_EXPORT.value).exists():
-    _error(f"--export={_EXPORT.value} already exists; remove it or pick another path")
+    cli.fail(f"--export={_EXPORT.value} already exists; remove it or pick another path")
   run_dir = Path(_RUN_DIR.value)
   if run_dir.exists() and not run_dir.is_dir():
-    _error(f"--run_dir={run_dir} is not a directory")
+    cli.fail(f"--run_dir={run_dir} is not a directory")
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    _error(f"unexpected arguments {argv[1:]}")
+    cli.fail(f"unexpected arguments {argv[1:]}")
   _validate()
   logging.set_verbosity(logging.WARNING)  # keep Orbax INFO lines out of the loss log
   from omnimem_jax import io, training  # noqa: PLC0415 (heavy imports after the flags are known to be good)
@@ -80,7 +75,7 @@ def main(argv: Sequence[str]) -> None:
                                   learning_rate=_LR.value, warmup_steps=_WARMUP.value, ema_decay=_EMA.value,
                                   sigma_shift=_SHIFT.value, select_own_noisy_chunk=_OWN.value, seed=_SEED.value)
   except ValueError as err:
-    _error(err)
+    cli.fail(err)
 
   import jax  # noqa: PLC0415
 
@@ -128,4 +123,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
