@@ -18,6 +18,8 @@ For each mode and each of --num_videos held-out worlds (seeds never used in trai
 Writes JSON (and a PNG plot with --plot, default next to the JSON) atomically.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import sys
