@@ -78,11 +78,11 @@ def main(argv: list[str]) -> None:
   @jax.jit
   def step(layer, slot_chunk, chunk_index, q, k, v, gates):
     traces.append(None)  # Python side effect: runs once per trace, not per call
-    out, layer = chunk_self_attention(q, k, v, layer, slot_chunk, chunk_index, gates if use_gates else None, config)
+    out, layer, ids = chunk_self_attention(q, k, v, layer, slot_chunk, chunk_index, gates if use_gates else None,
+                                           config)
     slot_chunk = store.assign_slot(slot_chunk, chunk_index, memory)
-    if not use_gates:
+    if ids is None:
       return out, layer, slot_chunk, jnp.full((1,), -1, jnp.int32)  # no retrieval outside omnimem mode
-    ids = select.select_blocks(q.transpose(0, 2, 1, 3), layer.k_pooled, slot_chunk, chunk_index, config)
     return out, layer, slot_chunk, select.retrieval_distances(ids, slot_chunk, chunk_index, config)
 
   print(f"{'chunk':>5} {'scene':>5} {'ms':>8} {'mean dist':>9} {'beyond win':>10} {'best same scene':>15}")

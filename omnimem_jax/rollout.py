@@ -56,7 +56,7 @@ class RolloutConfig:
     batch_size: videos generated together (one prompt each).
     store_dtype: dtype of the KV store.
     retrieval: omnimem mode: also return, per chunk and layer, how many selected blocks lie 0, 1, ...
-      chunks back (opt-in: it scores the selection once more in every model call).
+      chunks back (from the block ids the attention selected).
     backends: the backend of each attention op (`omnimem_kernels.backends`).
     noise: the initial and fresh noise of every chunk and step (`sampler.NoiseFn`).
   """
