@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from omnimem_jax.config import MemoryConfig, ModelConfig
+from omnimem_jax.config import MemoryConfig, ModelConfig, checked_fields
 from omnimem_jax.data import synthetic
 
 
@@ -21,12 +21,6 @@ def demo_model_config(mode: str = "omnimem", num_chunks: int = 12, **overrides: 
                 text_len=8, freq_dim=64, latent_height=8, latent_width=16, memory=memory)
   fields.update(overrides)
   return ModelConfig(**fields)
-
-
-def _reject_unknown(name: str, cls: type, fields: dict[str, Any]) -> None:
-  unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
-  if unknown:
-    raise ValueError(f"unknown {name} field(s) {unknown}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +88,9 @@ class TrainConfig:
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> TrainConfig:
     """A config from `to_dict` output; unknown fields (here, in the model or in the world) are an error."""
-    fields = dict(fields)
-    _reject_unknown("TrainConfig", cls, fields)
+    fields = checked_fields(cls, fields)
     if "model" in fields:
       fields["model"] = ModelConfig.from_dict(fields["model"])
     if "world" in fields:
-      _reject_unknown("WorldConfig", synthetic.WorldConfig, fields["world"])
-      fields["world"] = synthetic.WorldConfig(**fields["world"])
+      fields["world"] = synthetic.WorldConfig.from_dict(fields["world"])
     return cls(**fields)
