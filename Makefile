@@ -8,7 +8,7 @@ FIND_PYTHON = for p in "$$PYTHON" python3 python3.12 python3.13 "$$(pyenv root 2
   [ -n "$$p" ] && "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$p"; exit 0; }; \
   done; exit 1
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo demo-models clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,15 @@ test: setup
 
 demo: setup  # the committed demo model (synthetic orbiting-camera world): the camera comes back after 6 chunks; writes outputs/demo.mp4 and outputs/demo.json
 	$(PY) experiments/generate.py
+
+# Retrains the demo's codec and its three DiTs on the pixel world (a GPU: about 8 minutes on one H100).
+demo-models: setup
+	$(PY) experiments/train_codec.py --time_budget_s=100 --steps=20000 --export=assets/demo/vae
+	for mode in omnimem window dense; do \
+	  XLA_PYTHON_CLIENT_MEM_FRACTION=.3 $(PY) experiments/train.py --mode=$$mode --codec=assets/demo/vae --num_chunks=16 \
+	    --run_dir=runs/demo_$$mode --steps=100000 --save_every=1000000 --time_budget_s=270 --learning_rate=5e-4 \
+	    --sigma_shift=3 --export=assets/demo/$$mode & \
+	done; wait
 
 clean:
 	rm -rf $(VENV) .pytest_cache

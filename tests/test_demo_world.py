@@ -94,7 +94,7 @@ def test_label_bar_draws_the_font():
 @pytest.fixture(scope="module")
 def tiny_codec() -> codec.CodecConfig:
   vae = dataclasses.replace(VAEConfig.from_preset("tiny"), latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
-  return codec.CodecConfig(world=WORLD, vae=vae, latent_frames=2, batch_size=1)
+  return codec.CodecConfig(world=WORLD, vae=vae, latent_frames=2, batch_size=1, num_worlds=2)
 
 
 def test_codec_trains_and_exports_normalising_statistics(tmp_path, tiny_codec):

@@ -67,8 +67,8 @@ def _shapes(rng: np.random.Generator, world_px: int, horizon: float) -> list[tup
 
 
 def _masks(kind: str, dx: np.ndarray, y: np.ndarray, horizon: float, size: float) -> list[tuple[np.ndarray, float]]:
-  """The filled regions of one landmark (boolean masks over the grid) and each part's shade (1: the
-  landmark's colour, below 1: darker)."""
+  """The filled regions of one landmark (boolean masks over the grid `dx` (columns from its centre) x `y`)
+  and each part's shade (1: the landmark's colour, below 1: darker)."""
   base = horizon + 2.0
   if kind == "house":
     half = 0.45 * size
@@ -92,36 +92,45 @@ def panorama(config: WorldConfig, seed: int) -> np.ndarray:
   """The world of `seed` as a picture: [height, world width, 3] float32 in [-1, 1], periodic in width."""
   rng = np.random.default_rng(np.random.SeedSequence([0x1A4D, int(seed)]))
   height, _, world_px = (SUPERSAMPLE * n for n in pixel_size(config))
-  y, x = np.mgrid[0:height, 0:world_px].astype(np.float32)
+  y = np.arange(height, dtype=np.float32)[:, None]
+  x = np.arange(world_px, dtype=np.float32)[None, :]
   horizon = float(rng.uniform(0.55, 0.72)) * height
   sky_top, sky_low = rng.uniform([0.05, 0.1, 0.35], [0.3, 0.45, 0.7]), rng.uniform([0.5, 0.6, 0.75], [0.95, 0.9, 1.0])
   t = (y / horizon)[..., None]
-  image = (1 - t) * sky_top + t * sky_low
+  image = np.broadcast_to((1 - t) * sky_top + t * sky_low, (height, world_px, 3)).astype(np.float32)
   phase = rng.uniform(0, 2 * np.pi, 3)
   hills = horizon - height * (0.08 + 0.05 * sum(np.sin(2 * np.pi * k * x / world_px + phase[k - 1]) for k in (1, 2, 3)))
   hill_colour = rng.uniform([0.25, 0.3, 0.35], [0.5, 0.55, 0.6])
   image = np.where((y >= hills)[..., None], hill_colour, image)
   ground = rng.uniform([0.2, 0.35, 0.05], [0.6, 0.65, 0.3])
-  image = np.where((y >= horizon)[..., None], ground * (0.8 + 0.4 * (y - horizon) / (height - horizon))[..., None],
-                   image)
+  shade = np.maximum(y - horizon, 0.0) / (height - horizon)
+  image = np.where((y >= horizon)[..., None], ground * (0.8 + 0.4 * shade)[..., None], image).astype(np.float32)
   for kind, centre, size, colour in _shapes(rng, world_px, horizon):
-    dx = (x - centre + world_px / 2) % world_px - world_px / 2  # signed distance around the cylinder
-    for mask, shade in _masks(kind, dx, y, horizon, size):
-      image = np.where(mask[..., None], colour * shade, image)
+    reach = int(np.ceil(0.5 * size)) + 1  # every landmark lies within half its size of its centre
+    columns = (int(round(centre)) + np.arange(-reach, reach + 1)) % world_px
+    dx = (np.arange(-reach, reach + 1) + round(centre) - centre)[None, :]
+    band = image[:, columns]
+    for mask, part_shade in _masks(kind, dx, y, horizon, size):
+      band = np.where(mask[..., None], colour * part_shade, band)
+    image[:, columns] = band
   image = image.reshape(height // SUPERSAMPLE, SUPERSAMPLE, world_px // SUPERSAMPLE, SUPERSAMPLE, 3).mean((1, 3))
   return (2.0 * np.clip(image, 0.0, 1.0) - 1.0).astype(np.float32)
 
 
-def video(config: WorldConfig, seed: int, latent_frames: int) -> np.ndarray:
-  """The video of `latent_frames` latent frames of world `seed`: [1 + 4 (F - 1), height, width, 3] float32
-  in [-1, 1]; video frame 4 j shows the view of latent frame j."""
-  if latent_frames < 1:
-    raise ValueError(f"need latent_frames >= 1, got {latent_frames}")
-  scene = panorama(config, seed)
+def view(config: WorldConfig, scene: np.ndarray, latent_frames: int, first_frame: int = 0) -> np.ndarray:
+  """The camera's video over `scene` (a `panorama`) from latent frame `first_frame` on:
+  [1 + 4 (F - 1), height, width, 3]; video frame 4 j shows the view of latent frame first_frame + j."""
+  if latent_frames < 1 or first_frame < 0:
+    raise ValueError(f"need latent_frames >= 1 and first_frame >= 0, got {latent_frames} and {first_frame}")
   _, width, world_px = pixel_size(config)
-  frames = np.arange(video_frames(latent_frames))
+  frames = FRAMES_PER_LATENT * first_frame + np.arange(video_frames(latent_frames))
   columns = (frames[:, None] * pixels_per_frame(config) + np.arange(width)[None, :]) % world_px  # [T, W]
   return np.ascontiguousarray(scene[:, columns].transpose(1, 0, 2, 3))  # [H, T, W, 3] -> [T, H, W, 3]
+
+
+def video(config: WorldConfig, seed: int, latent_frames: int) -> np.ndarray:
+  """The video of `latent_frames` latent frames of world `seed` from the start of its orbit (`view`)."""
+  return view(config, panorama(config, seed), latent_frames)
 
 
 def batch(config: WorldConfig, seeds: list[int] | np.ndarray, latent_frames: int) -> np.ndarray:

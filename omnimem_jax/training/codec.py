@@ -56,6 +56,7 @@ class CodecConfig:
     vae: the codec's architecture; its z_dim must equal world.channels.
     latent_frames: latent frames per training clip (1 + 4 (F - 1) video frames).
     batch_size: clips per step.
+    num_worlds: distinct worlds the clips come from (drawn once; each clip starts at a random frame).
     kl_weight: weight of the KL term (per latent element) against the pixel losses (per pixel).
     learning_rate, warmup_steps, weight_decay, beta1, beta2, grad_clip: AdamW (`optim.optimizer`).
     seed: worlds, noise and initialisation.
@@ -65,6 +66,7 @@ class CodecConfig:
   vae: VAEConfig = dataclasses.field(default_factory=demo_vae_config)
   latent_frames: int = 4
   batch_size: int = 8
+  num_worlds: int = 512
   kl_weight: float = 1e-4
   learning_rate: float = 1e-3
   warmup_steps: int = 100
@@ -81,8 +83,9 @@ class CodecConfig:
         self.vae.temporal_compression != landmarks.FRAMES_PER_LATENT):
       raise ValueError(f"the codec must compress {landmarks.PIXELS_PER_LATENT}x in space and "
                        f"{landmarks.FRAMES_PER_LATENT}x in time, as the pixel world is drawn")
-    if self.latent_frames < 2 or self.batch_size < 1:
-      raise ValueError(f"need latent_frames >= 2 and batch_size >= 1, got {self.latent_frames}, {self.batch_size}")
+    if self.latent_frames < 2 or self.batch_size < 1 or self.num_worlds < 1:
+      raise ValueError(f"need latent_frames >= 2, batch_size >= 1 and num_worlds >= 1, got {self.latent_frames}, "
+                       f"{self.batch_size} and {self.num_worlds}")
 
   def to_dict(self) -> dict[str, Any]:
     fields = dataclasses.asdict(self)
@@ -90,10 +93,21 @@ class CodecConfig:
     return fields
 
 
+@functools.lru_cache(maxsize=2)
+def scenes(world: WorldConfig, num_worlds: int, seed: int) -> np.ndarray:
+  """The panoramas of the training worlds: [num_worlds, height, world width, 3] (drawn once per process)."""
+  world_seeds = np.random.default_rng(np.random.SeedSequence([seed, 0x5CE9])).integers(0, 2**31 - 1, num_worlds)
+  return np.stack([landmarks.panorama(world, int(world_seed)) for world_seed in world_seeds])
+
+
 def clips(config: CodecConfig, step: int) -> np.ndarray:
-  """The training clips of `step`, a pure function of (config, step): [B, 1 + 4 (F - 1), H, W, 3] in [-1, 1]."""
+  """The training clips of `step`, a pure function of (config, step): random worlds of the pool, each from
+  a random point of its orbit; [B, 1 + 4 (F - 1), H, W, 3] in [-1, 1]."""
   rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xC0DE, int(step)]))
-  return landmarks.batch(config.world, rng.integers(0, 2**31 - 1, config.batch_size), config.latent_frames)
+  pool = scenes(config.world, config.num_worlds, config.seed)
+  worlds = rng.integers(0, config.num_worlds, config.batch_size)
+  starts = rng.integers(0, config.world.period, config.batch_size)
+  return np.stack([landmarks.view(config.world, pool[w], config.latent_frames, int(s)) for w, s in zip(worlds, starts)])
 
 
 def codec_loss(vae: WanVAE, video: Float[Array, "b t hh ww 3"], key: jax.Array, kl_weight: float
