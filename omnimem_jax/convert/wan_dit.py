@@ -295,6 +295,16 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
   return checkpoints.save_checkpoint(output, params, record, overwrite=overwrite)
 
 
+def check_checkpoint(directory: str | os.PathLike) -> None:
+  """Before any weights load (Orbax metadata only): `directory` is a DiT checkpoint whose params hold
+  exactly the arrays, at their shapes, of the model its record's config describes. Raises
+  CheckpointError (a missing `params/` or damaged metadata, an unreadable config, a config that disagrees
+  with the weights), or the errors of `checkpoints.read_record`; damaged array data shows at restore."""
+  record = checkpoints.read_record(directory, CHECKPOINT_KIND)
+  config = checkpoints.read_config(directory, record, ModelConfig)
+  checkpoints.check_params(directory, lambda: CausalWanModel(config, rngs=nnx.Rngs(0)))
+
+
 def restore_model(directory: str | os.PathLike, *, memory: MemoryConfig | None = None, mesh: jax.sharding.Mesh | None = None,
                   dtype: Any = jnp.bfloat16, param_dtype: Any | None = None,
                   init_missing_gates: bool = False) -> CausalWanModel:
@@ -308,7 +318,7 @@ def restore_model(directory: str | os.PathLike, *, memory: MemoryConfig | None =
     init_missing_gates: allow omnimem mode on a checkpoint without gates (see `convert_state_dict`).
   """
   record = checkpoints.read_record(directory, CHECKPOINT_KIND)
-  config = ModelConfig.from_dict(record.config)
+  config = checkpoints.read_config(directory, record, ModelConfig)
   if memory is not None:
     config = dataclasses.replace(config, memory=memory)
   param_dtype = record.param_dtype if param_dtype is None else param_dtype
