@@ -283,7 +283,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
   checkpoints.check_conversion_paths([checkpoint, lora], output, overwrite=overwrite)
   state = sd.load_state_dict(checkpoint)
   if lora is not None:
-    state.update(sd.load_state_dict(lora))
+    state.update(sd.load_lora(lora))
   state = sd.merge_lora(state, lora_scale)
   if not isinstance(config, ModelConfig):
     config = config(state)
