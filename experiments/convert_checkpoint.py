@@ -28,8 +28,15 @@ The Wan 2.1 VAE and the umT5 text encoder convert the same way, with --kind:
   python experiments/convert_checkpoint.py --kind=text_encoder \
       --checkpoint=Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth --output=checkpoints/umt5
 
-(the released Wan 2.1 configurations; --config=vae.json / text_encoder.json for others). Bad input gives
-one line `error: ...` on stderr and exit code 2.
+(the released Wan 2.1 configurations; --config=vae.json / text_encoder.json for others). Both layouts of
+each convert: diffusers `vae/` safetensors and Wan2.1_VAE.pth; HF `text_encoder/` safetensors and Wan's
+umT5 .pth. The output directory is created like `mkdir` creates one (the umask applies); the only
+output line names it.
+
+Bad input gives one line `error: ...` on stderr and exit code 2, and writes nothing: a missing, empty,
+truncated or garbage checkpoint file, a state dict of another kind or architecture, a LoRA file with no
+LoRA weights (or with base weights that would replace the checkpoint's), a bad --config, an existing
+--output (without --overwrite).
 """
 
 import dataclasses
@@ -50,7 +57,7 @@ from omnimem_jax.model.vae import VAEConfig
 DEFAULT_PRESET = "wan2.1-t2v-1.3b"
 DEFAULT_DTYPE = "bfloat16"
 DIT_ONLY = ("preset", "num_heads", "mode", "lora", "init_gates")
-SUMMARY_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers")  # printed from the written record
+SUMMARY_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "base_dim", "z_dim")  # those the record has are printed
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint: .safetensors (file, index, dir) or .pt/.pth.",
                                   required=True)
@@ -132,9 +139,9 @@ def main(argv: Sequence[str]) -> None:
     output = convert_dit() if _KIND.value == "dit" else convert_vae_or_text_encoder()
   except (ValueError, OSError, ImportError) as err:  # bad input: the message says what to do
     cli.fail(err)
-  config = checkpoints.read_record(output).config
-  sizes = ", ".join(f"{name}={config[name]}" for name in SUMMARY_FIELDS if name in config)
-  print(f"wrote {output} ({sizes})")
+  record = checkpoints.read_record(output)
+  sizes = "".join(f", {name}={record.config[name]}" for name in SUMMARY_FIELDS if name in record.config)
+  print(f"wrote {output} ({record.kind.value} from the {record.layout} layout{sizes})")
 
 
 if __name__ == "__main__":

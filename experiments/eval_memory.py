@@ -15,13 +15,17 @@ For each mode and each of --num_videos held-out worlds (seeds never used in trai
   recall   (omnimem) per layer, the share of the dense oracle's attention mass over the selection
            candidates that the top-k selected blocks hold, on a teacher-forcing pass over a ground-truth
            clip (noisy half at sigma 0.625, the sampler's last step), against the chance level.
-Writes JSON (and a PNG plot with --plot, default next to the JSON) atomically.
+Writes JSON (and a PNG plot with --plot, default next to the JSON) atomically. The plot needs matplotlib
+(`pip install 'omnimem-jax[plot]'`); without it a one-line note says so and only the JSON is written.
+Bad input (flags, a checkpoint that is not an intact training export of its mode) gives one line
+`error: ...` and exit code 2 before any evaluation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from absl import app, flags, logging
 
-from omnimem_jax import cli
+from omnimem_jax import cli, io
 
 if TYPE_CHECKING:
   from omnimem_kernels.backends import Backends
@@ -51,6 +55,12 @@ WORLD_SEED_BASE = 10**9  # training draws world seeds below 2**31 - 1 from its o
 
 
 def _parse_checkpoints() -> dict[str, Path]:
+  """--checkpoints as {mode: path}, every path an intact training export of that mode (checked from its
+  record and Orbax's metadata, before any weights load)."""
+  from omnimem_jax import checkpoints  # noqa: PLC0415 (heavy imports after the flags are known to be good)
+  from omnimem_jax.convert import wan_dit  # noqa: PLC0415
+  from omnimem_jax.data import synthetic  # noqa: PLC0415
+
   if not _CHECKPOINTS.value:
     cli.fail("--checkpoints is required: mode:path pairs, e.g. omnimem:assets/demo_checkpoint")
   result = {}
@@ -58,10 +68,36 @@ def _parse_checkpoints() -> dict[str, Path]:
     mode, sep, path = item.partition(":")
     if not sep or mode not in MODES:
       cli.fail(f"--checkpoints entry {item!r} must be mode:path with mode in {MODES}")
-    if not (Path(path) / "omnimem.json").is_file():
-      cli.fail(f"--checkpoints {mode}: {path} is not an exported checkpoint (no omnimem.json)")
+    if mode in result:
+      cli.fail(f"--checkpoints lists {mode} twice ({result[mode]} and {path})")
+    try:
+      record = checkpoints.read_record(path, checkpoints.Kind.DIT)
+      wan_dit.check_checkpoint(path)
+      world = (record.training or {}).get("world")
+      if not isinstance(world, dict):
+        raise ValueError(f"{path} is not an export of experiments/train.py (its record has no training world "
+                         "to draw held-out videos from)")
+      synthetic.WorldConfig.from_dict(world)
+    except (OSError, ValueError) as err:
+      cli.fail(f"--checkpoints {mode}: {err}")
+    if record.config["memory"]["mode"] != mode:
+      cli.fail(f"--checkpoints {mode}: {path} holds a {record.config['memory']['mode']} model")
     result[mode] = Path(path)
   return result
+
+
+def _plot_path(output: Path) -> Path | None:
+  """Where the plot goes (--plot, default beside the JSON), or None: with --plot=none, or without
+  matplotlib (said in one line now, before the evaluation; the JSON is written all the same)."""
+  if _PLOT.value == "none":
+    return None
+  try:
+    import matplotlib  # noqa: F401, PLC0415 (optional: the `plot` extra)
+  except ImportError:
+    print("note: no plot: matplotlib is not installed (pip install 'omnimem-jax[plot]'); the JSON is written",
+          file=sys.stderr)
+    return None
+  return Path(_PLOT.value or output.with_suffix(".png"))
 
 
 def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int, backends: Backends) -> dict[str, Any]:
@@ -77,8 +113,6 @@ def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int, backends:
 
   record = checkpoints.read_record(path, checkpoints.Kind.DIT)
   config = ModelConfig.from_dict(record.config)
-  if config.memory.mode != mode:
-    raise ValueError(f"{path} holds a {config.memory.mode} model, listed as {mode}")
   world = synthetic.WorldConfig(**record.training["world"])
   memory = dataclasses.replace(config.memory, capacity_chunks=num_chunks)
   model = wan_dit.restore_model(path, memory=memory, dtype=jnp.float32)
@@ -142,8 +176,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  from omnimem_jax import io  # noqa: PLC0415
-
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for mode, result in results["modes"].items():
     for ax, protocol in zip(axes, ("prefix", "free"), strict=True):
@@ -166,19 +198,24 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
-  checkpoints = _parse_checkpoints()
   for flag in (_NUM_VIDEOS, _NUM_CHUNKS, _RECALL_CHUNKS):
     if flag.value < 1:
       cli.fail(f"--{flag.name} must be >= 1, got {flag.value}")
   output = Path(_OUTPUT.value)
   if output.suffix != ".json":
     cli.fail(f"--output={output} must end in .json")
-  plot_path = None if _PLOT.value == "none" else Path(_PLOT.value or output.with_suffix(".png"))
   logging.set_verbosity(logging.WARNING)
+  checkpoints = _parse_checkpoints()
+  plot_path = _plot_path(output)
+  for path in (output, plot_path):
+    if path is not None:
+      try:
+        io.check_writable(path)
+      except OSError as err:
+        cli.fail(err)
   import jax  # noqa: PLC0415
 
   from omnimem_jax import checkpoints as ckpt  # noqa: PLC0415
-  from omnimem_jax import io  # noqa: PLC0415
   from omnimem_jax.data import synthetic  # noqa: PLC0415
   from omnimem_kernels.backends import Backends  # noqa: PLC0415
 
@@ -188,7 +225,7 @@ def main(argv: Sequence[str]) -> None:
     cli.fail(f"--backends: {err}")
 
   worlds = {mode: ckpt.read_record(path, ckpt.Kind.DIT).training["world"] for mode, path in checkpoints.items()}
-  period_chunks = synthetic.WorldConfig(**next(iter(worlds.values()))).period_chunks
+  period_chunks = synthetic.WorldConfig.from_dict(next(iter(worlds.values()))).period_chunks
   prefix = int(period_chunks) if _PREFIX.value is None else _PREFIX.value
   if not 1 <= prefix < _NUM_CHUNKS.value:
     cli.fail(f"--prefix_chunks={prefix} must lie in [1, --num_chunks={_NUM_CHUNKS.value})")
@@ -199,7 +236,10 @@ def main(argv: Sequence[str]) -> None:
              "modes": {}}
   for mode, path in checkpoints.items():
     start = time.perf_counter()
-    results["modes"][mode] = evaluate_mode(path, mode, _NUM_CHUNKS.value, prefix, backends)
+    try:
+      results["modes"][mode] = evaluate_mode(path, mode, _NUM_CHUNKS.value, prefix, backends)
+    except ckpt.CheckpointError as err:  # weights damaged past what the metadata shows
+      cli.fail(f"--checkpoints {mode}: {err}")
     r = results["modes"][mode]
     print(f"{mode:8s} prefix PSNR beyond window {r['prefix']['psnr_db']:.2f} dB SSIM {r['prefix']['ssim']:.3f} | "
           f"free {r['free']['psnr_db']:.2f} dB | recall {r.get('retrieval_recall', {}).get('mean')} | "

@@ -5,6 +5,9 @@
 #
 #   bash experiments/memory_bench.sh [out_dir=runs/memory_bench] [steps=4914]
 #
+# The plot (out_dir/memory_bench.png) needs matplotlib: pip install 'omnimem-jax[plot]' (or, in a
+# checkout, pip install -e '.[plot]'); without it eval_memory.py says so in one line and writes the JSON.
+#
 # benchmarks/results/memory_bench_h100.json came from these flags on one H100 (jax 0.11.2), 4914 steps
 # for omnimem and dense, 4907 for window (it was stopped by a time budget).
 set -euo pipefail

@@ -1,26 +1,35 @@
 r"""Teacher-forcing training of a small causal DiT on the synthetic orbiting-camera world (logic:
-omnimem_jax/training/). Re-running the same command resumes from the latest checkpoint in --run_dir.
+omnimem_jax/training/). Re-running the same command resumes from the latest checkpoint in --run_dir;
+re-running a finished run trains nothing and changes nothing, except that it writes a new --export.
 
   python experiments/train.py --mode=omnimem --run_dir=runs/omnimem --steps=3000 \
       --export=assets/demo_checkpoint            # the committed demo checkpoint was made like this
   python experiments/train.py --mode=window --run_dir=runs/window --steps=3000 --export=runs/window/export
   python experiments/train.py --mode=dense --run_dir=runs/dense --time_budget_s=120 --export=runs/dense/export
 
-Writes Orbax checkpoints (state: params, EMA, optimizer, step) under --run_dir, a JSON loss log
-(--run_dir/log.json) and, with --export, the EMA weights as a `wan_dit` checkpoint that
-experiments/generate.py (--checkpoint) and experiments/eval_memory.py read. Bad flags give one line
-`error: ...` and exit code 2 before any work.
+Writes Orbax checkpoints (state: params, EMA, optimizer, step) and the run's config under
+--run_dir/checkpoints, a JSON loss log (--run_dir/log.json; train_seconds sums every session) and, with
+--export, the EMA weights as a `wan_dit` checkpoint that experiments/generate.py (--checkpoint) and
+experiments/eval_memory.py read. Bad input gives one line `error: ...` and exit code 2, before any
+training where it can: bad flags, an existing or unwritable --export, an unwritable --run_dir, a
+--run_dir/log.json that is not a loss log, flags that differ from those the run was trained with, and
+damaged checkpoints. A failed export leaves the run saved: the same command exports it.
 """
+
+from __future__ import annotations
 
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from absl import app, flags, logging
 
-from omnimem_jax import cli
+from omnimem_jax import cli, io
+
+if TYPE_CHECKING:
+  from omnimem_jax.training import Trainer, TrainConfig
 
 _MODE = flags.DEFINE_enum("mode", "omnimem", ["omnimem", "window", "dense"], "Attention mode to train.")
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Directory of the run's Orbax checkpoints and log (resumes).")
@@ -46,7 +55,8 @@ _LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Print and log the loss every
 _EXPORT = flags.DEFINE_string("export", None, "Write the EMA weights here as a wan_dit checkpoint at the end.")
 
 
-def _validate() -> None:
+def _validate() -> dict[str, Any] | None:
+  """Refuses bad flags and unusable paths before any work; returns the run's loss log, if it has one."""
   if _RUN_DIR.value is None:
     cli.fail("--run_dir is required (checkpoints and the loss log go there)")
   for flag in (_STEPS, _BATCH, _CHUNKS, _WARMUP, _DIM, _LAYERS, _SAVE_EVERY, _LOG_EVERY, _WORLD_WIDTH, _SPEED,
@@ -62,6 +72,26 @@ def _validate() -> None:
   run_dir = Path(_RUN_DIR.value)
   if run_dir.exists() and not run_dir.is_dir():
     cli.fail(f"--run_dir={run_dir} is not a directory")
+  for flag in (_RUN_DIR, _EXPORT):
+    if flag.value is not None:
+      try:
+        io.check_writable(flag.value)
+      except OSError as err:
+        cli.fail(f"--{flag.name}: {err}")
+  return _read_log(run_dir / "log.json")
+
+
+def _read_log(path: Path) -> dict[str, Any] | None:
+  """The run's loss log, None if it has none; one that is not a loss log is refused, never replaced."""
+  if not path.exists():
+    return None
+  try:
+    log = json.loads(path.read_text())
+  except (OSError, ValueError) as err:
+    cli.fail(f"{path} is not a readable JSON loss log ({err}); move it away to start a new log")
+  if not isinstance(log, dict) or not isinstance(log.get("history"), list):
+    cli.fail(f"{path} is not a loss log of experiments/train.py (no 'history' list); move it away to start a new log")
+  return log
 
 
 def _world() -> Any:
@@ -80,45 +110,39 @@ def _world() -> Any:
   return synthetic.WorldConfig.from_dict(training["world"])
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}")
-  _validate()
-  logging.set_verbosity(logging.WARNING)  # keep Orbax INFO lines out of the loss log
-  from omnimem_jax import io, training  # noqa: PLC0415 (heavy imports after the flags are known to be good)
+def _train_config() -> TrainConfig:
+  """The TrainConfig of the flags (a bad combination: one line, exit 2)."""
+  from omnimem_jax import training  # noqa: PLC0415 (heavy imports after the flags are known to be good)
 
   try:
     world = _world()
     model = training.demo_model_config(_MODE.value, _CHUNKS.value, dim=_DIM.value, ffn_dim=2 * _DIM.value,
                                        num_heads=_DIM.value // 32, num_layers=_LAYERS.value,
                                        in_channels=world.channels, out_channels=world.channels)
-    config = training.TrainConfig(model=model, world=world, num_chunks=_CHUNKS.value, batch_size=_BATCH.value,
-                                  learning_rate=_LR.value, warmup_steps=_WARMUP.value, ema_decay=_EMA.value,
-                                  sigma_shift=_SHIFT.value, select_own_noisy_chunk=_OWN.value, seed=_SEED.value,
-                                  codec=_CODEC.value, num_worlds=_NUM_WORLDS.value)
+    return training.TrainConfig(model=model, world=world, num_chunks=_CHUNKS.value, batch_size=_BATCH.value,
+                                learning_rate=_LR.value, warmup_steps=_WARMUP.value, ema_decay=_EMA.value,
+                                sigma_shift=_SHIFT.value, select_own_noisy_chunk=_OWN.value, seed=_SEED.value,
+                                codec=_CODEC.value, num_worlds=_NUM_WORLDS.value)
   except (OSError, ValueError) as err:
     cli.fail(err)
 
-  import jax  # noqa: PLC0415
 
-  run_dir = Path(_RUN_DIR.value)
-  trainer = training.Trainer(config, run_dir / "checkpoints")
-  log_path = run_dir / "log.json"
-  log = json.loads(log_path.read_text()) if log_path.exists() and trainer.step_count > 0 else {"history": []}
-  log.update(config=config.to_dict(), device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-             devices=jax.device_count())
-  print(f"{_MODE.value}: step {trainer.step_count} -> {_STEPS.value} on {jax.device_count()} x "
-        f"{jax.devices()[0].device_kind}, world period {world.period} frames", flush=True)
+def _train(trainer: Trainer, log: dict[str, Any]) -> tuple[int, float, float | None]:
+  """Steps until --steps (or the time budget), appending the mean loss every --log_every steps to
+  log["history"] and checkpointing every --save_every steps. Returns (steps taken, seconds, seconds of
+  the first step, which includes the compilation)."""
   start = time.perf_counter()
-  compile_seconds = None
+  first_step_seconds = None
+  taken = 0
   recent: list[float] = []
   while trainer.step_count < _STEPS.value:
     if _TIME_BUDGET.value is not None and time.perf_counter() - start > _TIME_BUDGET.value:
       print(f"time budget of {_TIME_BUDGET.value:g} s reached at step {trainer.step_count}", flush=True)
       break
     metrics = trainer.step()
-    if compile_seconds is None:
-      compile_seconds = time.perf_counter() - start
+    taken += 1
+    if first_step_seconds is None:
+      first_step_seconds = time.perf_counter() - start
     recent.append(metrics["loss"])
     step = trainer.step_count
     if step % _LOG_EVERY.value == 0 or step == _STEPS.value:
@@ -130,18 +154,47 @@ def main(argv: Sequence[str]) -> None:
             f"{entry['seconds']:.0f} s", flush=True)
     if step % _SAVE_EVERY.value == 0:
       trainer.save(wait=False)
+  return taken, time.perf_counter() - start, first_step_seconds
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}")
+  saved_log = _validate()
+  logging.set_verbosity(logging.WARNING)  # keep Orbax INFO lines out of the loss log
+  config = _train_config()
+  import jax  # noqa: PLC0415
+
+  from omnimem_jax import training  # noqa: PLC0415
+
+  run_dir = Path(_RUN_DIR.value)
+  try:
+    trainer = training.Trainer(config, run_dir / "checkpoints")
+  except (OSError, ValueError) as err:  # an unwritable run directory, a run of another config, damaged files
+    cli.fail(err)
+  log = saved_log if saved_log is not None and trainer.step_count > 0 else {"history": []}
+  device = str(jax.devices()[0].device_kind)
+  log.update(config=config.to_dict(), device=device, jax=jax.__version__, devices=jax.device_count())
+  print(f"{_MODE.value}: step {trainer.step_count} -> {_STEPS.value} on {jax.device_count()} x {device}, "
+        f"world period {config.world.period} frames", flush=True)
+  taken, seconds, first_step_seconds = _train(trainer, log)
   trainer.save()
   trainer.close()
-  seconds = time.perf_counter() - start
-  log.update(steps=trainer.step_count, train_seconds=seconds, first_step_seconds=compile_seconds)
-  io.write_json(log_path, log)
+  log_path = run_dir / "log.json"
+  if taken or saved_log is None:  # a finished run re-run keeps its log as it was
+    log.update(steps=trainer.step_count, train_seconds=log.get("train_seconds", 0.0) + seconds)
+    if first_step_seconds is not None:
+      log["first_step_seconds"] = first_step_seconds
+    io.write_json(log_path, log)
   if _EXPORT.value is not None:
     final = log["history"][-1]["loss"] if log["history"] else None
-    path = trainer.export(_EXPORT.value, notes={"final_logged_loss": final, "train_seconds": seconds,
-                                                "device": str(jax.devices()[0].device_kind),
-                                                "jax": jax.__version__})
+    try:
+      path = trainer.export(_EXPORT.value, notes={"final_logged_loss": final, "train_seconds": log.get("train_seconds"),
+                                                  "device": device, "jax": jax.__version__})
+    except OSError as err:
+      cli.fail(f"--export={_EXPORT.value}: {err}; the run is saved: run the same command again to export it")
     print(f"exported EMA weights to {path}")
-  print(f"done: {trainer.step_count} steps in {seconds:.0f} s", flush=True)
+  print(f"done: {trainer.step_count} steps, {taken} in this run ({seconds:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,23 @@ Saving writes to a temporary sibling directory and renames it into place, so an 
 never leaves a half-written checkpoint and never damages an existing one. Restoring builds the model
 abstractly (`nnx.eval_shape`: no memory, no compute), attaches a sharding to every parameter, and lets
 Orbax place each array straight onto its devices.
+
+A checkpoint that cannot be restored (its `params/` missing, truncated or corrupted, or holding arrays
+its record's config does not describe) is a `CheckpointError` naming the directory and what is wrong,
+on one line; `check_params` finds all but damaged array data from Orbax's metadata, before any weights
+are read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import gc
 import json
+import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +37,11 @@ from omnimem_jax import io, sharding
 METADATA_FILE = "omnimem.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be restored: its parameters are missing, unreadable (truncated,
+  corrupted) or do not match the config in its record. The message names the directory and the fault."""
 
 
 class Kind(enum.StrEnum):
@@ -152,21 +165,111 @@ def read_record(directory: str | os.PathLike, kind: Kind | None = None) -> Check
   return record
 
 
-def saved_param_names(directory: str | os.PathLike) -> set[tuple[str, ...]]:
-  """Paths of every array stored in the checkpoint's params."""
-  metadata = ocp.StandardCheckpointer().metadata(Path(directory).absolute() / PARAMS_DIR)
-  tree = metadata.item_metadata.tree
-  return {tuple(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+def read_config(directory: str | os.PathLike, record: CheckpointRecord, config_type: Any) -> Any:
+  """`config_type.from_dict(record.config)`; a config it cannot parse is a CheckpointError."""
+  try:
+    return config_type.from_dict(record.config)
+  except (KeyError, TypeError, ValueError) as err:
+    raise CheckpointError(f"{Path(directory) / METADATA_FILE} holds an unreadable {config_type.__name__}: "
+                          f"{err}") from err
+
+
+def saved_param_shapes(directory: str | os.PathLike) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Path -> shape of every array stored in the checkpoint's params, from Orbax's metadata (no weights
+  are read); CheckpointError when `params/` is missing or its metadata unreadable."""
+  params = Path(directory).absolute() / PARAMS_DIR
+  if not params.is_dir():
+    raise CheckpointError(f"{params} does not exist: the checkpoint has lost its weights (copy it again, or "
+                          "convert / export it again)")
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(params).tree
+  except (OSError, ValueError) as err:  # a missing or garbled _METADATA, a damaged OCDBT database
+    raise CheckpointError(f"{params} is unreadable (truncated or corrupted): {_first_line(err)}") from err
+  finally:
+    handler.close()
+  return {tuple(str(getattr(key, "key", key)) for key in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _compare_params(directory: str | os.PathLike, expected: Mapping[tuple[str, ...], tuple[int, ...]], *,
+                   ignore: Callable[[tuple[str, ...]], bool] | None = None,
+                   allow_missing: bool = False) -> set[tuple[str, ...]]:
+  """Checks the stored arrays against `expected` (path -> shape) and returns the paths the checkpoint
+  lacks (only allowed with `allow_missing`). Stored paths for which `ignore` is true are skipped.
+  Anything unexpected, missing or misshapen is one CheckpointError naming the first few."""
+  saved = {path: shape for path, shape in saved_param_shapes(directory).items() if ignore is None or not ignore(path)}
+  missing = sorted(set(expected) - set(saved))
+  problems = [f"{'.'.join(path)}: stored {saved[path]}, the config gives {tuple(expected[path])}"
+              for path in sorted(set(saved) & set(expected)) if saved[path] != tuple(expected[path])]
+  problems += [f"{'.'.join(path)}: stored, not in the config's model" for path in sorted(set(saved) - set(expected))]
+  if not allow_missing:
+    problems += [f"{'.'.join(path)}: missing" for path in missing]
+  if problems:
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    raise CheckpointError(f"{Path(directory) / PARAMS_DIR} does not match the config in "
+                          f"{Path(directory) / METADATA_FILE}: {'; '.join(problems[:3])}{more}")
+  return set(missing)
+
+
+def check_params(directory: str | os.PathLike, create: Callable[[], nnx.Module]) -> None:
+  """Before any weights load: the checkpoint's params hold exactly the arrays of `create()` (built
+  abstractly), at their shapes; CheckpointError otherwise. Reads Orbax's metadata only."""
+  state = nnx.state(nnx.eval_shape(create))
+  _compare_params(directory, {path: value.shape for path, value in _flatten(nnx.to_pure_dict(state))})
+
+
+def orbax_read(read: Callable[[], Any], path: str | os.PathLike) -> Any:
+  """`read()`, an Orbax restore of `path`, with its read errors (damaged files, arrays stored with other
+  shapes) turned into a one-line CheckpointError naming `path`."""
+  try:
+    return read()
+  except Exception as err:  # Orbax re-raises TensorStore's read errors as a bare Exception
+    if not isinstance(_root_cause(err), (OSError, ValueError)):
+      raise
+    message = f"cannot restore {path} (truncated, corrupted, or arrays of other shapes): {_first_line(err)}"
+  _discard_abandoned_reads()  # outside the except block: the error no longer holds them
+  raise CheckpointError(message)
 
 
 def restore_params(directory: str | os.PathLike, target: Mapping[str, Any]) -> dict[str, Any]:
   """Restores the arrays named in `target` (a pure dict of `jax.ShapeDtypeStruct`, with shardings to
-  place them on devices), cast to the target dtypes."""
+  place them on devices), cast to the target dtypes; unreadable array data is a CheckpointError."""
   target = dict(target)
+  params = Path(directory).absolute() / PARAMS_DIR
   args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                 partial_restore=True)  # saved arrays absent from target stay on disk
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-    return checkpointer.restore(Path(directory).absolute() / PARAMS_DIR, args=args)
+
+  def read() -> dict[str, Any]:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+      return checkpointer.restore(params, args=args)
+
+  return orbax_read(read, params)
+
+
+def _discard_abandoned_reads() -> None:
+  """Finalises, silently, the reads Orbax abandoned after the first failed one. Orbax turns the
+  GeneratorExit that closes each of them into an Exception, which Python would print ("Exception
+  ignored in ...", with a page of TensorStore spec) whenever the garbage collector reached it."""
+  hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+  asyncio_log = logging.getLogger("asyncio")
+  disabled, asyncio_log.disabled = asyncio_log.disabled, True  # "Future exception was never retrieved"
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook, asyncio_log.disabled = hook, disabled
+
+
+def _root_cause(err: BaseException) -> BaseException:
+  while err.__cause__ is not None:
+    err = err.__cause__
+  return err
+
+
+def _first_line(err: BaseException) -> str:
+  """The first line of the innermost cause of `err` (Orbax wraps TensorStore's messages in long specs)."""
+  lines = str(_root_cause(err)).strip().splitlines() or [type(_root_cause(err)).__name__]
+  return lines[0][:300]
 
 
 def restore_module(directory: str | os.PathLike, create: Callable[[], nnx.Module], *, mesh: Mesh | None = None,
@@ -192,16 +295,12 @@ def restore_module(directory: str | os.PathLike, create: Callable[[], nnx.Module
   target = jax.tree.map(lambda var, shard: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shard),
                         nnx.to_pure_dict(state), shardings)
   flat_target = dict(_flatten(target))
-  saved = {path for path in saved_param_names(directory) if ignore is None or not ignore(path)}
-  missing = {path: value for path, value in flat_target.items() if path not in saved}
-  unexpected = sorted(".".join(path) for path in saved - set(flat_target))
-  if unexpected or (missing and fill_missing is None):
-    raise ValueError(f"checkpoint {directory} does not match the model: missing "
-                     f"{sorted('.'.join(p) for p in missing)}, unexpected {unexpected}")
+  missing = _compare_params(directory, {path: value.shape for path, value in flat_target.items()}, ignore=ignore,
+                           allow_missing=fill_missing is not None)
   restored = dict(_flatten(restore_params(directory, _unflatten(
       {path: value for path, value in flat_target.items() if path not in missing}))))
   if missing:
-    filled = dict(_flatten(fill_missing(_unflatten(missing))))
+    filled = dict(_flatten(fill_missing(_unflatten({path: flat_target[path] for path in missing}))))
     restored.update({path: jax.device_put(filled[path], flat_target[path].sharding) for path in missing})
   nnx.replace_by_pure_dict(state, _unflatten(restored))
   return nnx.merge(graphdef, state)
@@ -231,7 +330,7 @@ def restore_configured(directory: str | os.PathLike, kind: Kind, config_type: An
   """`module_type(config, rngs=...)` restored from a checkpoint of `kind` whose record holds a
   `config_type.to_dict()`; `dtype` (a config field) overrides the activation dtype, `mesh` shards the
   parameters by their logical axis names."""
-  config = config_type.from_dict(read_record(directory, kind).config)
+  config = read_config(directory, read_record(directory, kind), config_type)
   if dtype is not None:
     config = dataclasses.replace(config, dtype=dtype)
   return restore_module(directory, lambda: module_type(config, rngs=nnx.Rngs(0)), mesh=mesh)

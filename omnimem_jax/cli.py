@@ -15,8 +15,13 @@ from absl import flags, logging
 
 
 def fail(message: object) -> NoReturn:
-  """Prints `error: message` on one line (whitespace collapsed) to stderr and exits with code 2."""
+  """Prints `error: message` on one line (whitespace collapsed) to stderr and exits with code 2.
+
+  That line is the last word: errors that abandoned work raises while the process shuts down (Orbax's
+  reads of a damaged checkpoint, finishing in their threads) are not printed after it.
+  """
   print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.unraisablehook = lambda unraisable: None
   sys.exit(2)
 
 

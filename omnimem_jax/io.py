@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,7 +50,29 @@ def write_json(path: str | os.PathLike, record: Any) -> Path:
 
 
 def temporary_directory_beside(path: str | os.PathLike) -> Path:
-  """A fresh hidden directory next to `path` (same file system, so it can be renamed into place)."""
+  """A fresh hidden directory next to `path` (same file system, so it can be renamed into place).
+
+  Made by `mkdir`, so it gets the permissions any new directory gets (the umask applies): renamed
+  into place it is a normal directory, not an owner-only one as `tempfile.mkdtemp` would make.
+  """
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  return Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+  while True:
+    staging = path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+      staging.mkdir()
+      return staging
+    except FileExistsError:  # another writer drew the same name: draw again
+      continue
+
+
+def check_writable(path: str | os.PathLike) -> None:
+  """Raises an OSError saying why `path` could not be created or written, before any work: its nearest
+  existing ancestor (itself, if it exists) must be a directory this process may write into."""
+  ancestor = Path(path).absolute()
+  while not ancestor.exists():
+    ancestor = ancestor.parent
+  if not ancestor.is_dir():
+    raise NotADirectoryError(f"cannot write {path}: {ancestor} is a file, not a directory")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise PermissionError(f"cannot write {path}: no write permission in {ancestor}")

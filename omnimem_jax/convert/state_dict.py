@@ -10,7 +10,9 @@ torch (`pip install 'omnimem-jax[convert]'`) and are loaded with `weights_only=T
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,6 +25,8 @@ StateDict = dict[str, np.ndarray]
 
 # Sub-dicts of training checkpoints, most preferred first (Self-Forcing / CausVid / LongLive).
 WEIGHT_SET_PREFERENCE = ("generator_ema", "generator", "model", "generator_lora")
+# What a separate LoRA file holds: peft names, `<module>.lora_A[.<adapter>].weight` and `...lora_B...`.
+LORA_KEY_PATTERNS = "'<module>.lora_A[.<adapter>].weight' and '<module>.lora_B[.<adapter>].weight'"
 # Wrapper names inserted anywhere in a key by FSDP, DDP, torch.compile, activation checkpointing, peft.
 WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module.",
                    ".base_layer")
@@ -37,21 +41,42 @@ _SAFETENSORS_DTYPES = {
 
 
 def _read_safetensors_file(path: Path) -> StateDict:
-  """One .safetensors file, memory-mapped: an 8-byte header length, a JSON header, raw tensors."""
+  """One .safetensors file, memory-mapped: an 8-byte header length, a JSON header, raw tensors. A file
+  that breaks the format (empty, truncated, another format) is a ValueError naming it."""
+  size = path.stat().st_size
   with open(path, "rb") as f:
-    (header_len,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(header_len))
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-  tensors = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-    tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
-  return tensors
+    prefix = f.read(8)
+    header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+    if header_len is None or header_len > size - 8:
+      raise ValueError(f"{path} is not a .safetensors file: its {size} bytes cannot hold the header it announces "
+                       "(empty, truncated, or another format)")
+    try:
+      header = json.loads(f.read(header_len))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+      raise ValueError(f"{path} is not a .safetensors file: its header is not JSON ({err})") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path} is not a .safetensors file: its header is not a JSON object")
+  data_len = size - 8 - header_len
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if data_len else np.zeros(0, np.uint8)
+  return {name: _tensor(path, name, info, data) for name, info in header.items() if name != "__metadata__"}
+
+
+def _tensor(path: Path, name: str, info: Any, data: np.ndarray) -> np.ndarray:
+  """The tensor `name` of a safetensors header entry, a view of the file's data; ValueError for an
+  entry that is malformed or points outside the file."""
+  try:
+    dtype_name, shape, (start, end) = info["dtype"], [int(n) for n in info["shape"]], info["data_offsets"]
+  except (KeyError, TypeError, ValueError) as err:
+    raise ValueError(f"{path} is not a valid .safetensors file: tensor {name!r} has a malformed entry "
+                     f"({err!r})") from None
+  if dtype_name not in _SAFETENSORS_DTYPES:
+    raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
+  dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
+  if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= len(data)
+          and end - start == math.prod(shape) * dtype.itemsize and min(shape, default=0) >= 0):
+    raise ValueError(f"{path} is truncated or damaged: tensor {name!r} ({dtype_name} {shape}) points at bytes "
+                     f"[{start}, {end}) of {len(data)}")
+  return data[start:end].view(dtype).reshape(shape)
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -61,8 +86,12 @@ def _safetensors_files(path: Path) -> list[Path]:
       raise FileNotFoundError(f"no .safetensors files in directory {path}")
     return files
   if path.name.endswith(".index.json"):
-    shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-    return [path.parent / shard for shard in shards]
+    try:
+      shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+      raise ValueError(f"{path} is not a safetensors shard index (a JSON object with a 'weight_map'): "
+                       f"{err!r}") from None
+    return [path.parent / str(shard) for shard in shards]
   return [path]
 
 
@@ -85,7 +114,11 @@ def _read_torch(path: Path) -> dict[str, Any]:
   except ImportError as err:
     raise ImportError(f"reading {path.name} (a PyTorch pickle) needs torch: pip install 'omnimem-jax[convert]' "
                       "(or convert the file to .safetensors elsewhere)") from err
-  tree = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  try:
+    tree = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # torch's errors for a file it cannot read
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    raise ValueError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
   if not isinstance(tree, Mapping):
     raise ValueError(f"{path}: expected a dict of tensors (a state dict or a training checkpoint), "
                      f"got {type(tree).__name__}")
@@ -143,6 +176,25 @@ def strip_prefixes(state: Mapping[str, np.ndarray]) -> StateDict:
 def load_state_dict(path: str | os.PathLike, preference: Iterable[str] = WEIGHT_SET_PREFERENCE) -> StateDict:
   """Flat state dict of the preferred weight set in `path`, wrapper prefixes stripped."""
   return strip_prefixes(pick_weight_set(read_checkpoint_file(path), preference))
+
+
+def _is_lora_key(key: str) -> bool:
+  return ".lora_A." in key or ".lora_B." in key
+
+
+def load_lora(path: str | os.PathLike) -> StateDict:
+  """The LoRA weights of a separate LoRA file (LongLive: {"generator_lora": peft state dict}), wrapper
+  prefixes stripped. A file without LoRA weights, or with anything besides them (merging it would
+  silently replace base weights), is a ValueError naming the key patterns expected."""
+  state = load_state_dict(path, preference=("generator_lora", *WEIGHT_SET_PREFERENCE))
+  others = sorted(key for key in state if not _is_lora_key(key))
+  if len(others) == len(state):
+    raise ValueError(f"LoRA file {path} holds no LoRA weights: expected tensors named {LORA_KEY_PATTERNS} (peft "
+                     f"names, e.g. under 'generator_lora'); it holds {len(state)} tensors such as {others[:3]}")
+  if others:
+    raise ValueError(f"LoRA file {path} holds {len(others)} tensors that are not LoRA weights, such as {others[:3]}: "
+                     f"merging them would replace base weights; expected only tensors named {LORA_KEY_PATTERNS}")
+  return state
 
 
 def merge_lora(state: Mapping[str, np.ndarray], scale: float = 1.0) -> StateDict:

@@ -283,7 +283,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
   checkpoints.check_conversion_paths([checkpoint, lora], output, overwrite=overwrite)
   state = sd.load_state_dict(checkpoint)
   if lora is not None:
-    state.update(sd.load_state_dict(lora))
+    state.update(sd.load_lora(lora))
   state = sd.merge_lora(state, lora_scale)
   if not isinstance(config, ModelConfig):
     config = config(state)
@@ -293,6 +293,16 @@ def convert_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
       has_gates=config.memory.mode == "omnimem", source=Path(checkpoint).name,
       lora=None if lora is None else {"file": Path(lora).name, "scale": lora_scale}, **notes)
   return checkpoints.save_checkpoint(output, params, record, overwrite=overwrite)
+
+
+def check_checkpoint(directory: str | os.PathLike) -> None:
+  """Before any weights load (Orbax metadata only): `directory` is a DiT checkpoint whose params hold
+  exactly the arrays, at their shapes, of the model its record's config describes. Raises
+  CheckpointError (a missing `params/` or damaged metadata, an unreadable config, a config that disagrees
+  with the weights), or the errors of `checkpoints.read_record`; damaged array data shows at restore."""
+  record = checkpoints.read_record(directory, CHECKPOINT_KIND)
+  config = checkpoints.read_config(directory, record, ModelConfig)
+  checkpoints.check_params(directory, lambda: CausalWanModel(config, rngs=nnx.Rngs(0)))
 
 
 def restore_model(directory: str | os.PathLike, *, memory: MemoryConfig | None = None, mesh: jax.sharding.Mesh | None = None,
@@ -308,7 +318,7 @@ def restore_model(directory: str | os.PathLike, *, memory: MemoryConfig | None =
     init_missing_gates: allow omnimem mode on a checkpoint without gates (see `convert_state_dict`).
   """
   record = checkpoints.read_record(directory, CHECKPOINT_KIND)
-  config = ModelConfig.from_dict(record.config)
+  config = checkpoints.read_config(directory, record, ModelConfig)
   if memory is not None:
     config = dataclasses.replace(config, memory=memory)
   param_dtype = record.param_dtype if param_dtype is None else param_dtype

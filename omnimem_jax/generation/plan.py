@@ -309,6 +309,10 @@ def _dit(options: GenerateOptions, path: str | None) -> tuple[Path | None, Model
   checkpoint = record = None
   if path is not None:
     checkpoint, record = _record(path, "--checkpoint", checkpoints.Kind.DIT)
+    try:
+      wan_dit.check_checkpoint(checkpoint)  # weights present and of the config's shapes, before any work
+    except checkpoints.CheckpointError as err:
+      raise GenerateError(f"--checkpoint: {err}") from err
   base = _base_config(options, checkpoint, record)
   requested_frames, num_chunks = _length(options, base)
   config = _with_memory_flags(options, base, num_chunks)

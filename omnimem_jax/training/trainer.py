@@ -7,12 +7,16 @@ Usage:
   while trainer.step_count < 1000:
     metrics = trainer.step()                     # {"loss": ..., "grad_norm": ...}
   trainer.save(); trainer.export("runs/omnimem/export")
+
+A run's directory also holds the TrainConfig it was saved with (`CONFIG_FILE`): resuming it with another
+config is a CheckpointError naming the fields that differ, before any state is restored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,12 +29,15 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from omnimem_jax import checkpoints
+from omnimem_jax import checkpoints, io
 from omnimem_jax.model.wan import CausalWanModel
 from omnimem_jax.training.config import TrainConfig
 from omnimem_jax.training.data import make_batch
 from omnimem_jax.training.loss import loss_fn
 from omnimem_jax.training.optim import ema_update, optimizer
+
+
+CONFIG_FILE = "train_config.json"  # beside the step directories: the TrainConfig the run was saved with
 
 
 @jax.tree_util.register_dataclass
@@ -98,6 +105,36 @@ def _from_pure(pure: dict[str, Any], like: TrainState) -> TrainState:
                     opt_state=jax.tree.unflatten(jax.tree.structure(like.opt_state), leaves))
 
 
+def check_resumable(directory: str | os.PathLike, config: TrainConfig) -> None:
+  """Refuses to resume the run in `directory` with another config: the state's shapes and every step's
+  data depend on it, and the export records it. A CheckpointError names the fields that differ (runs
+  saved before `CONFIG_FILE` existed are only checked by Orbax, at restore)."""
+  path = Path(directory) / CONFIG_FILE
+  if not path.is_file():
+    return
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as err:
+    raise checkpoints.CheckpointError(f"{path} is unreadable ({err}): it records the run's config") from err
+  differ = _differences(saved, json.loads(json.dumps(config.to_dict())))
+  if differ:
+    (name, was, now), rest = differ[0], differ[1:]
+    also = ", ".join(f"{field}={new} trained with {old}" for field, old, new in rest[:5])
+    also = f" (also {also})" if rest else ""
+    raise checkpoints.CheckpointError(
+        f"{name}={now} but the run in {directory} was trained with {name}={was}{also}; resume it with its own "
+        "settings, or train in another directory")
+
+
+def _differences(saved: Any, current: Any, name: str = "config") -> list[tuple[str, Any, Any]]:
+  """(field name, saved value, current value) of every leaf of two `to_dict()` trees that differs, the
+  fields of each level before those of its nested configs."""
+  if isinstance(saved, dict) and isinstance(current, dict):
+    keys = sorted(set(saved) | set(current), key=lambda key: (isinstance(saved.get(key), dict), key))
+    return [difference for key in keys for difference in _differences(saved.get(key), current.get(key), key)]
+  return [] if saved == current else [(name, saved, current)]
+
+
 class Trainer:
   """Teacher-forcing training of one model on the synthetic world, with Orbax checkpoints.
 
@@ -109,6 +146,15 @@ class Trainer:
   def __init__(self, config: TrainConfig, directory: str | os.PathLike | None = None, *, mesh: Mesh | None = None,
                max_to_keep: int = 2):
     self.config = config
+    self.directory = None if directory is None else Path(directory).absolute()
+    self.manager = None
+    latest = None
+    if self.directory is not None:
+      self.manager = ocp.CheckpointManager(self.directory,
+                                           options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      latest = self.manager.latest_step()
+      if latest is not None:
+        check_resumable(self.directory, config)  # before the model is built
     self.mesh = default_mesh(config.batch_size) if mesh is None else mesh
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
@@ -117,13 +163,8 @@ class Trainer:
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
                        opt_state=optimizer(config).init(params))
     self.state = jax.device_put(state, self.replicated)
-    self.manager = None
-    if directory is not None:
-      self.manager = ocp.CheckpointManager(Path(directory).absolute(),
-                                           options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
-      latest = self.manager.latest_step()
-      if latest is not None:
-        self.restore(latest)
+    if latest is not None:
+      self.restore(latest)
     self.step_fn = compiled_step(config, self.mesh)
 
   @property
@@ -141,18 +182,23 @@ class Trainer:
     return {name: float(value) if value.ndim == 0 else np.asarray(value).tolist() for name, value in metrics.items()}
 
   def save(self, wait: bool = True) -> None:
-    """Checkpoints the whole state at its step (no-op without a directory)."""
+    """Checkpoints the whole state at its step, and the config beside it (no-op without a directory).
+    A step already saved (the last periodic save, a finished run re-run) is not saved again."""
     if self.manager is None:
       return
-    self.manager.save(self.step_count, args=ocp.args.StandardSave(_pure(self.state)), force=True)
+    io.write_json(self.directory / CONFIG_FILE, self.config.to_dict())
+    if self.manager.latest_step() != self.step_count:
+      self.manager.save(self.step_count, args=ocp.args.StandardSave(_pure(self.state)), force=True)
     if wait:
       self.manager.wait_until_finished()
 
   def restore(self, step: int) -> None:
-    """Replaces the state by the checkpoint of `step` under the directory."""
+    """Replaces the state by the checkpoint of `step` under the directory (CheckpointError if unreadable)."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
                             _pure(self.state))
-    self.state = _from_pure(self.manager.restore(step, args=ocp.args.StandardRestore(abstract)), self.state)
+    pure = checkpoints.orbax_read(lambda: self.manager.restore(step, args=ocp.args.StandardRestore(abstract)),
+                                  self.directory / str(step))
+    self.state = _from_pure(pure, self.state)
 
   def model(self, ema: bool = True) -> CausalWanModel:
     """The trained model (EMA parameters by default)."""
