@@ -5,26 +5,20 @@ directory (DiT, VAE, umT5 and tokenizer checkpoints) with prompt switches and sl
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omnimem_jax.config import ModelConfig
-from omnimem_jax.convert import umt5, wan_dit, wan_vae
 from omnimem_jax.generation import plan as planning
 from omnimem_jax.generation import run
 from omnimem_jax.generation.options import GenerateError, GenerateOptions
-from omnimem_jax.model.text import TextEncoderConfig
-from omnimem_jax.model.vae import VAEConfig
 from tests.configs import tiny
+from tests.tiny_models import save_dit, save_model_dir
 
 ROOT = Path(__file__).parents[1]
-FIXTURES = Path(__file__).parent / "fixtures"
 PYTHONPATH = os.pathsep.join([str(ROOT), str(ROOT / "kernels")])  # the scripts import omnimem_jax and omnimem_kernels
 # In-process runs start ffmpeg after JAX's threads exist; the child execs at once (the script itself
 # starts ffmpeg first).
@@ -40,22 +34,10 @@ def _frame_count(path: Path) -> int | None:
   return imageio_ffmpeg.count_frames_and_secs(str(path))[0]
 
 
-def _save_dit(directory: Path, config: ModelConfig) -> Path:
-  """A converted tiny DiT: the parity fixture's weights (gates initialised in omnimem mode)."""
-  return wan_dit.convert_checkpoint(FIXTURES / "wan_dit_original.safetensors", directory, config, dtype=jnp.float32,
-                                    init_gates=config.memory.mode == "omnimem")
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
   """A --model_dir of tiny converted checkpoints: dit/ (omnimem), vae/, text_encoder/, tokenizer/."""
-  root = tmp_path_factory.mktemp("models")
-  _save_dit(root / "dit", tiny())
-  wan_vae.convert_checkpoint(FIXTURES / "vae_tiny_diffusers.safetensors", root / "vae", VAEConfig.from_preset("tiny"))
-  umt5.convert_checkpoint(FIXTURES / "umt5_tiny_hf.safetensors", root / "text_encoder",
-                          TextEncoderConfig.from_preset("tiny", text_len=tiny().text_len))
-  shutil.copytree(FIXTURES / "tokenizer_wordlevel", root / "tokenizer")
-  return root
+  return save_model_dir(tmp_path_factory.mktemp("models"))
 
 
 def test_lengths_round_up_to_whole_chunks():
@@ -129,7 +111,7 @@ def test_model_dir_prompt_switch_slot_reuse_and_latents(tmp_path, model_dir, cap
   assert sorted(p.name for p in tmp_path.iterdir()) == ["latents.npy", "out", "prompts.txt", "run.json"]
 
 
-def test_a_failed_run_leaves_an_existing_output_untouched(tmp_path, monkeypatch):
+def test_robust_a_failed_run_leaves_an_existing_output_untouched(tmp_path, monkeypatch):
   output = tmp_path / "video.mp4"
   output.write_bytes(b"previous video")
 
@@ -167,7 +149,7 @@ def _bad_input_cases(tmp: Path, model_dir: Path) -> list[tuple[dict, str]]:
       ({"text_embeddings": str(tmp / "a_file")}, "not a readable .npy"),
       ({"seconds": 256.0}, "past the RoPE horizon of 1024 latent frames .255.8 s.*341 chunks"),
       ({"num_frames": 4090}, "past the RoPE horizon"),
-      ({"seconds": 0.0}, "--seconds must be > 0"),
+      ({"seconds": 0.0}, "--seconds must be a finite number > 0"),
       ({"output": str(tmp / "a_file" / "video.mp4")}, "cannot be written: .*a_file is not a directory"),
       ({"output": str(tmp / "video.avi")}, "must end in .mp4"),
       ({"output": str(tmp)}, "must end in .mp4"),
@@ -202,7 +184,7 @@ def _bad_input_cases(tmp: Path, model_dir: Path) -> list[tuple[dict, str]]:
   ]
 
 
-def test_bad_input_is_refused_before_any_work(tmp_path, model_dir):
+def test_robust_bad_input_is_refused_before_any_work(tmp_path, model_dir):
   cases = _bad_input_cases(tmp_path, model_dir)
   before = sorted(tmp_path.rglob("*"))
   for overrides, message in cases:
@@ -219,8 +201,8 @@ def test_bad_input_is_refused_before_any_work(tmp_path, model_dir):
   assert sorted(tmp_path.rglob("*")) == before  # validation writes nothing
 
 
-def test_omnimem_on_a_checkpoint_without_gates(tmp_path):
-  path = _save_dit(tmp_path / "window", tiny(mode="window"))
+def test_robust_omnimem_on_a_checkpoint_without_gates(tmp_path):
+  path = save_dit(tmp_path / "window", tiny(mode="window"))
   with pytest.raises(GenerateError, match="has no OmniMem gates .*--attention=window, or --init_missing_gates"):
     planning.plan(GenerateOptions(checkpoint=str(path), attention="omnimem"))
   assert planning.plan(GenerateOptions(checkpoint=str(path))).config.memory.mode == "window"

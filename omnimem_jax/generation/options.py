@@ -8,6 +8,7 @@ import dataclasses
 DEFAULT_SECONDS = 10.0  # video length when neither --seconds nor --num_frames is given
 DEFAULT_OUTPUT = "outputs/demo.mp4"
 DEFAULT_PRESET = "tiny"
+MAX_SEED = 2**32 - 1  # noise seeds are uint32
 # --model_dir layout: component -> subdirectory.
 MODEL_DIR_LAYOUT = {"checkpoint": "dit", "vae": "vae", "text_encoder": "text_encoder", "tokenizer": "tokenizer"}
 
@@ -26,7 +27,7 @@ class GenerateOptions:
     prompt / prompt_file / text_embeddings: conditioning, at most one. The prompt file has lines
       `latent_frame: prompt`; None of them: a random embedding from the seed.
     seconds / num_frames: video length (16 fps), at most one; default DEFAULT_SECONDS.
-    seed: noise seed (and seed of random weights and of a random embedding).
+    seed: noise seed (and seed of random weights and of a random embedding), 0 .. MAX_SEED.
     attention: "omnimem", "window", "sink_window" or "dense" (default: the checkpoint's mode, or omnimem).
     top_k, window_chunks, exclude_window_chunks, group_size: MemoryConfig overrides.
     capacity_chunks: KV store slots (default: every requested chunk, i.e. full history).

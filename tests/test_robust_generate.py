@@ -1,0 +1,135 @@
+"""Issue 18, generation side: no bad input crashes, hangs or lies. Each bad input gives a GenerateError
+(in process) or exit code 2 with one line `error: ...` (the CLI), and no existing output changes."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omnimem_jax.generation import plan as planning
+from omnimem_jax.generation.options import MAX_SEED, GenerateError, GenerateOptions
+from omnimem_jax.memory import select, store
+from tests.configs import tiny
+from tests.tiny_models import save_text_model
+
+ROOT = Path(__file__).parents[1]
+GENERATE = str(ROOT / "experiments/generate.py")
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")]), "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+  """Tiny converted checkpoints: a text encoder and a tokenizer."""
+  text_encoder, tokenizer = save_text_model(tmp_path_factory.mktemp("models"))
+  return {"text_encoder": text_encoder, "tokenizer": tokenizer}
+
+
+@pytest.fixture
+def existing(tmp_path) -> dict[Path, bytes]:
+  """An mp4 and a report from an earlier run, which nothing may change."""
+  files = {tmp_path / "out.mp4": b"previous video", tmp_path / "out.json": b'{"previous": "report"}'}
+  for path, content in files.items():
+    path.write_bytes(content)
+  return files
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+  """Every file under `directory`, hidden ones included, with its content."""
+  return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def _refused(directory: Path, message: str, **flags) -> None:
+  """planning.plan refuses `flags` (output: directory/out.mp4) with a one-line GenerateError matching
+  `message`, and changes no file under `directory`."""
+  before = _files(directory)
+  with pytest.raises(GenerateError) as caught:
+    planning.plan(GenerateOptions(**{"output": str(directory / "out.mp4"), **flags}))
+  assert re.search(message, str(caught.value)) and "\n" not in str(caught.value), str(caught.value)
+  assert _files(directory) == before
+
+
+def _cli(flags: list[str], cwd: Path) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, GENERATE, *flags], check=False, capture_output=True, text=True, cwd=cwd,
+                        env=ENV, timeout=300)
+
+
+# ---- bad input refused at plan time ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_robust_non_finite_text_embeddings_are_refused(tmp_path, existing, value):
+  embeddings = np.zeros((2, 8, 32), np.float32)
+  embeddings[1, 3, 5] = value
+  np.save(tmp_path / "x.npy", embeddings)
+  _refused(tmp_path, r"^--text_embeddings=.*x\.npy holds 1 NaN or infinite values \(the first at index \[1, 3, 5\]\); "
+                     "a text encoder's output is finite", text_embeddings=str(tmp_path / "x.npy"))
+
+
+def test_robust_top_k_beyond_the_candidate_blocks_is_refused(tmp_path, existing):
+  # 10 s = 14 chunks, full history: chunk 13 selects from chunks 0..10 = 11 chunks of 24 blocks.
+  _refused(tmp_path, r"^--top_k=100000 exceeds the 264 blocks a query group can select from in this run .*14 "
+                     r"chunks, capacity_chunks 14, exclude_window_chunks 3\); the maximum is --top_k=264$", top_k=100000)
+  assert planning.plan(GenerateOptions(top_k=264, output=str(tmp_path / "out.mp4"))).config.memory.top_k == 264
+  _refused(tmp_path, "the maximum is --top_k=24$", top_k=25, num_frames=9)  # chunk 0 selects from itself
+  _refused(tmp_path, "the maximum is --top_k=72$", top_k=73, capacity_chunks=5)  # 5 slots: 3 chunks at most
+  assert planning.plan(GenerateOptions(top_k=100000, attention="window", output=str(tmp_path / "out.mp4")))
+
+
+@pytest.mark.parametrize("memory", [{}, {"capacity_chunks": 5}, {"exclude_window_chunks": 0},
+                                    {"progressive_exclude": False}, {"exclude_window_chunks": 5, "capacity_chunks": 4}])
+def test_robust_max_candidate_blocks_matches_the_selection(memory):
+  """The plan's bound equals the most candidates `select.candidate_blocks` gives over a 14-chunk run."""
+  config = tiny(**{"capacity_chunks": 14, **memory})
+  slot_chunk, most = jnp.full(config.memory.capacity_chunks, -1, jnp.int32), 0
+  for chunk in range(14):
+    slot_chunk = store.assign_slot(slot_chunk, chunk, config.memory)
+    most = max(most, int(select.candidate_blocks(slot_chunk, chunk, config).sum()))
+  assert planning.max_candidate_blocks(config, 14) == most > 0
+
+
+def test_robust_seed_outside_32_bits_is_refused(tmp_path, existing):
+  for seed in (-1, MAX_SEED + 1):
+    _refused(tmp_path, rf"^--seed must be in 0\.\.4294967295 \(a 32-bit noise seed\), got {seed}$", seed=seed)
+  assert planning.plan(GenerateOptions(seed=MAX_SEED, output=str(tmp_path / "out.mp4")))
+
+
+@pytest.mark.parametrize("seconds", [np.inf, -np.inf, np.nan, 1e308, -2.0])
+def test_robust_seconds_must_be_finite_and_positive(tmp_path, existing, seconds):
+  _refused(tmp_path, rf"^--seconds must be a finite number > 0, got {re.escape(str(seconds))}$", seconds=seconds)
+
+
+def test_robust_the_longest_video_the_error_names_is_accepted(tmp_path, existing):
+  _refused(tmp_path, r"--seconds=255\.6 needs 342 chunks .* the longest video is 341 chunks = 4089 frames: "
+                     r"--num_frames=4089 or --seconds=255\.56$", seconds=255.6)
+  _refused(tmp_path, "--seconds=255.57 needs 342 chunks", seconds=255.57)
+  _refused(tmp_path, "--num_frames=4090 needs 342 chunks", num_frames=4090)
+  for flags in ({"seconds": 255.56}, {"num_frames": 4089}):
+    assert planning.plan(GenerateOptions(output=str(tmp_path / "out.mp4"), **flags)).num_chunks == 341
+
+
+def test_robust_prompt_file_not_utf8_is_refused(tmp_path, existing, models):
+  (tmp_path / "prompts.txt").write_bytes(b"0: a caf\xe9 at night\n")  # Latin-1
+  _refused(tmp_path, r"^--prompt_file=.*prompts\.txt is not UTF-8 text: byte 0xe9 at offset 8; save it as UTF-8$",
+           prompt_file=str(tmp_path / "prompts.txt"), text_encoder=str(models["text_encoder"]),
+           tokenizer=str(models["tokenizer"]))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--seed=-1"], "error: --seed must be in 0..4294967295 (a 32-bit noise seed), got -1"),
+    (["--seconds=inf"], "error: --seconds must be a finite number > 0, got inf"),
+    (["--prompt_file=prompts.txt", "--text_encoder={text_encoder}", "--tokenizer={tokenizer}"],
+     "error: --prompt_file=prompts.txt is not UTF-8 text: byte 0xe9 at offset 8"),
+])
+def test_robust_cli_bad_input_gives_one_line_and_exit_2(tmp_path, existing, models, flags, message):
+  """Once tracebacks (after "generating" was printed, for --seed=-1)."""
+  (tmp_path / "prompts.txt").write_bytes(b"0: a caf\xe9 at night\n")
+  before = _files(tmp_path)
+  result = _cli([*(flag.format(**models) for flag in flags), "--preset=tiny", "--output=out.mp4"], tmp_path)
+  assert result.returncode == 2 and result.stdout == ""
+  assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(message), result.stderr
+  assert _files(tmp_path) == before
