@@ -20,9 +20,6 @@ from tests.tiny_models import save_dit, save_model_dir
 
 ROOT = Path(__file__).parents[1]
 PYTHONPATH = os.pathsep.join([str(ROOT), str(ROOT / "kernels")])  # the scripts import omnimem_jax and omnimem_kernels
-# In-process runs start ffmpeg after JAX's threads exist; the child execs at once (the script itself
-# starts ffmpeg first).
-pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 
 
 def _frame_count(path: Path) -> int | None:
@@ -60,15 +57,15 @@ def test_latent_visualisation_follows_the_vae_frame_count():
 
 
 def test_no_flag_smoke_run(tmp_path, monkeypatch, capsys):
-  """What `make demo` runs: defaults only; a labelled smoke run, a playable mp4 and the report."""
+  """`GenerateOptions()`: defaults only; a labelled smoke run, a playable mp4 and the report."""
   monkeypatch.chdir(tmp_path)
   report = run.generate(GenerateOptions())
   out, err = capsys.readouterr()
   assert out.startswith("SMOKE RUN") and "SMOKE RUN" in out.splitlines()[-1] and "random text embedding" in out
   progress = [line for line in err.splitlines() if line.startswith("chunk ")]
   assert len(progress) == 14 and progress[-1].startswith("chunk 14/14") and "FPS" in progress[-1]
-  assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["demo.json", "demo.mp4"]
-  assert json.loads((tmp_path / "outputs/demo.json").read_text()) == json.loads(json.dumps(report))
+  assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["smoke.json", "smoke.mp4"]
+  assert json.loads((tmp_path / "outputs/smoke.json").read_text()) == json.loads(json.dumps(report))
   assert report["smoke"] and report["inputs"]["conditioning"] == "random_embedding"
   assert report["video"] == {"chunks": 14, "latent_frames": 42, "frames": 165, "requested_frames": 160,
                              "seconds": 165 / 16, "fps": 16, "height": 64, "width": 128,
@@ -85,7 +82,7 @@ def test_no_flag_smoke_run(tmp_path, monkeypatch, capsys):
     assert len(counts) == 15 and counts.sum() == layer["selected"] > 0
     assert layer["fraction_outside_window"] == pytest.approx(counts[3:].sum() / counts.sum())
   assert {"jax", "flax", "python"} <= set(report["versions"]) and report["device"]["platform"] == "cpu"
-  assert _frame_count(tmp_path / "outputs/demo.mp4") in (None, 165)
+  assert _frame_count(tmp_path / "outputs/smoke.mp4") in (None, 165)
 
 
 def test_model_dir_prompt_switch_slot_reuse_and_latents(tmp_path, model_dir, capsys):
@@ -118,7 +115,7 @@ def test_robust_a_failed_run_leaves_an_existing_output_untouched(tmp_path, monke
   def fail(plan):
     raise RuntimeError("interrupted")
 
-  monkeypatch.setattr(run, "prompt_embeddings", fail)  # fails after the mp4 writer has started
+  monkeypatch.setattr(run, "prompt_embeddings", fail)  # fails after the mp4 writer is made, before any frame
   with pytest.raises(RuntimeError, match="interrupted"):
     run.generate(GenerateOptions(output=str(output), num_frames=9))
   assert output.read_bytes() == b"previous video" and [p.name for p in tmp_path.iterdir()] == ["video.mp4"]

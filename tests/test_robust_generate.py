@@ -1,8 +1,12 @@
 """Issue 18, generation side: no bad input crashes, hangs or lies. Each bad input gives a GenerateError
-(in process) or exit code 2 with one line `error: ...` (the CLI), and no existing output changes."""
+(in process) or exit code 2 with one line `error: ...` (the CLI), and no existing output changes;
+NaN latents stop the run naming the chunk; SIGTERM leaves no partial file; a --mesh run prints no
+fork warning; a smoke run never replaces the demo's outputs."""
 
+import functools
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +14,16 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
+from omnimem_jax import sampler
 from omnimem_jax.generation import plan as planning
+from omnimem_jax.generation import run
 from omnimem_jax.generation.options import MAX_SEED, GenerateError, GenerateOptions
 from omnimem_jax.memory import select, store
+from omnimem_jax.rollout import NonFiniteLatentsError, Rollout, first_nonfinite_chunk
 from tests.configs import tiny
-from tests.tiny_models import save_text_model
+from tests.tiny_models import DIT_WEIGHTS, save_dit, save_text_model
 
 ROOT = Path(__file__).parents[1]
 GENERATE = str(ROOT / "experiments/generate.py")
@@ -24,9 +32,14 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kerne
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-  """Tiny converted checkpoints: a text encoder and a tokenizer."""
-  text_encoder, tokenizer = save_text_model(tmp_path_factory.mktemp("models"))
-  return {"text_encoder": text_encoder, "tokenizer": tokenizer}
+  """Tiny converted checkpoints: a DiT with a NaN weight, a text encoder and a tokenizer."""
+  root = tmp_path_factory.mktemp("models")
+  weights = load_file(DIT_WEIGHTS)
+  weights["head.head.weight"][0, 0] = np.nan
+  save_file(weights, root / "nan.safetensors")
+  text_encoder, tokenizer = save_text_model(root)
+  return {"nan_dit": save_dit(root / "nan_dit", tiny(mode="window"), weights=root / "nan.safetensors"),
+          "text_encoder": text_encoder, "tokenizer": tokenizer}
 
 
 @pytest.fixture
@@ -40,7 +53,8 @@ def existing(tmp_path) -> dict[Path, bytes]:
 
 def _files(directory: Path) -> dict[str, bytes]:
   """Every file under `directory`, hidden ones included, with its content."""
-  return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+  return {str(path.relative_to(directory)): path.read_bytes()
+          for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
 def _refused(directory: Path, message: str, **flags) -> None:
@@ -73,7 +87,8 @@ def test_robust_non_finite_text_embeddings_are_refused(tmp_path, existing, value
 def test_robust_top_k_beyond_the_candidate_blocks_is_refused(tmp_path, existing):
   # 10 s = 14 chunks, full history: chunk 13 selects from chunks 0..10 = 11 chunks of 24 blocks.
   _refused(tmp_path, r"^--top_k=100000 exceeds the 264 blocks a query group can select from in this run .*14 "
-                     r"chunks, capacity_chunks 14, exclude_window_chunks 3\); the maximum is --top_k=264$", top_k=100000)
+                     r"chunks, capacity_chunks 14, exclude_window_chunks 3\); the maximum is --top_k=264$",
+           top_k=100000)
   assert planning.plan(GenerateOptions(top_k=264, output=str(tmp_path / "out.mp4"))).config.memory.top_k == 264
   _refused(tmp_path, "the maximum is --top_k=24$", top_k=25, num_frames=9)  # chunk 0 selects from itself
   _refused(tmp_path, "the maximum is --top_k=72$", top_k=73, capacity_chunks=5)  # 5 slots: 3 chunks at most
@@ -133,3 +148,87 @@ def test_robust_cli_bad_input_gives_one_line_and_exit_2(tmp_path, existing, mode
   assert result.returncode == 2 and result.stdout == ""
   assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(message), result.stderr
   assert _files(tmp_path) == before
+
+
+def test_robust_default_outputs_keep_the_demo_video(tmp_path, monkeypatch):
+  """Only the demo (experiments/generate.py without model flags) writes outputs/demo.*: random
+  weights write outputs/smoke.*, another model outputs/video.* (the CLI: the --mesh SIGTERM test)."""
+  monkeypatch.chdir(tmp_path)
+  assert planning.plan(GenerateOptions(preset="tiny")).output == Path("outputs/smoke.mp4")
+  assert planning.plan(GenerateOptions()).report == Path("outputs/smoke.json")
+  demo = planning.plan(GenerateOptions(checkpoint=str(ROOT / "assets/demo_checkpoint")))
+  assert demo.output == Path("outputs/video.mp4") and demo.report == Path("outputs/video.json")
+
+
+
+
+# ---- runs ------------------------------------------------------------------------------------------
+
+
+def _nan_from_chunk_1(key, chunk, step, shape):
+  """The default noise, NaN for chunk 1 (the model turns it into NaN latents)."""
+  return jnp.where(chunk == 1, jnp.nan, sampler.gaussian_noise(key, chunk, step, shape))
+
+
+def test_robust_first_nonfinite_chunk_names_the_first_bad_chunk():
+  """The device-side reduction behind `Rollout.check_finite`: per segment, the first chunk with NaN or
+  inf latents; an earlier one stays."""
+  latents = np.zeros((3, 1, 4, 3, 2, 2), np.float32)  # [chunks, B, C, frames, H, W]
+  chunks = jnp.arange(5, 8)
+  assert int(first_nonfinite_chunk(jnp.int32(-1), latents, chunks)) == -1
+  latents[1, 0, 2, 1, 0, 1], latents[2, 0, 0, 0, 0, 0] = np.inf, np.nan
+  assert int(first_nonfinite_chunk(jnp.int32(-1), latents, chunks)) == 6
+  assert int(first_nonfinite_chunk(jnp.int32(2), latents, chunks)) == 2
+
+
+def test_robust_nan_latents_remove_the_partial_video(tmp_path, existing, monkeypatch):
+  """Chunk 0 is written to the partial mp4, chunk 1 is NaN: the rollout's stream stops, naming chunk 1,
+  and the run leaves no partial file, no report, and the earlier outputs as they were."""
+  monkeypatch.setattr(run, "Rollout", functools.partial(Rollout, noise=_nan_from_chunk_1))
+  with pytest.raises(NonFiniteLatentsError, match="^chunk 1: "):
+    run.generate(GenerateOptions(num_frames=21, output=str(tmp_path / "out.mp4"),
+                                 save_latents=str(tmp_path / "latents.npy")))
+  assert _files(tmp_path) == {path.name: content for path, content in existing.items()}
+
+
+def test_robust_cli_nan_checkpoint_exits_2_with_one_line(tmp_path, existing, models):
+  result = _cli([f"--checkpoint={models['nan_dit']}", "--num_frames=21", "--output=out.mp4"], tmp_path)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.splitlines() == [
+      "error: chunk 0: the DiT made NaN or infinite latents (are the checkpoint's weights or the text embeddings "
+      "finite? is the dtype too narrow?); out.mp4 was not written (an existing file is untouched)"]
+  assert _files(tmp_path) == {path.name: content for path, content in existing.items()}
+
+
+
+
+def test_robust_cli_mesh_smoke_run_stopped_by_sigterm(tmp_path):
+  """A --mesh smoke run on 4 fake CPU devices, without --output, beside the demo's outputs, sent SIGTERM
+  mid-video: ffmpeg was writing outputs/.smoke.partial-PID.mp4 (a smoke run never writes outputs/demo.*);
+  stderr holds progress lines only (no os.fork() warning: ffmpeg is spawned without fork hooks; no
+  traceback); the exit code is 143; no partial file is left and the demo's outputs are untouched."""
+  outputs = tmp_path / "outputs"
+  outputs.mkdir()
+  demo = {"demo.mp4": b"the demo's video", "demo.json": b'{"the demo": "report"}'}
+  for name, content in demo.items():
+    (outputs / name).write_bytes(content)
+  process = subprocess.Popen([sys.executable, GENERATE, "--preset=tiny", "--seconds=60", "--mesh=model=2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                             env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  try:
+    stderr = []
+    for line in process.stderr:  # up to the first progress line: chunk 0 is in the partial mp4
+      stderr.append(line)
+      if line.startswith("chunk "):
+        break
+    partial = sorted(path.name for path in outputs.iterdir() if ".partial" in path.name)
+    process.send_signal(signal.SIGTERM)
+    stderr.append(process.stderr.read())
+    process.wait(timeout=120)
+  finally:
+    process.kill()
+  assert partial == [f".smoke.partial-{process.pid}.mp4"], "".join(stderr)
+  assert process.returncode == 128 + signal.SIGTERM
+  assert [line for line in "".join(stderr).splitlines() if not line.startswith("chunk ")] == []
+  assert _files(outputs) == demo
+

@@ -18,8 +18,8 @@ from omnimem_kernels.backends import Backends
 from omnimem_jax import checkpoints
 from omnimem_jax.config import ATTENTION_MODES, PRESETS, ModelConfig
 from omnimem_jax.convert import wan_dit
-from omnimem_jax.generation.options import (DEFAULT_PRESET, DEFAULT_SECONDS, MAX_SEED, MODEL_DIR_LAYOUT, GenerateError,
-                                            GenerateOptions, PromptSwitch)
+from omnimem_jax.generation.options import (DEFAULT_PRESET, DEFAULT_SECONDS, MAX_SEED, MODEL_DIR_LAYOUT, MODEL_OUTPUT,
+                                            SMOKE_OUTPUT, GenerateError, GenerateOptions, PromptSwitch)
 from omnimem_jax.model.vae import VAEConfig
 
 LATENT_PIXEL_SCALE = 8  # the latent visualisation's upsampling (as the Wan VAE's spatial compression)
@@ -438,9 +438,10 @@ def _conditioning(options: GenerateOptions, config: ModelConfig, num_chunks: int
   return conditioning, prompts, batch_size, notes
 
 
-def _outputs(options: GenerateOptions) -> tuple[Path, Path, Path | None]:
-  """(mp4, report, latents or None): writable, distinct files."""
-  output = _writable_file(options.output, "--output", ".mp4")
+def _outputs(options: GenerateOptions, smoke: bool) -> tuple[Path, Path, Path | None]:
+  """(mp4, report, latents or None): writable, distinct files; the default mp4 of a smoke run is
+  SMOKE_OUTPUT, so that it never replaces a model's video."""
+  output = _writable_file(options.output or (SMOKE_OUTPUT if smoke else MODEL_OUTPUT), "--output", ".mp4")
   report = _writable_file(options.report or str(output.with_suffix(".json")), "--report", ".json")
   latents = None if options.save_latents is None else _writable_file(options.save_latents, "--save_latents", ".npy")
   named = [output, report] + ([latents] if latents else [])
@@ -478,7 +479,7 @@ def plan(options: GenerateOptions) -> Plan:
   text_encoder, tokenizer = _text(paths, config) if wants_text else (None, None)
   conditioning, prompts, batch_size, notes = _conditioning(options, config, num_chunks)
   mesh = None if options.mesh is None else _mesh(options.mesh, config, batch_size)
-  output, report, latents = _outputs(options)
+  output, report, latents = _outputs(options, smoke=checkpoint is None)
   validated = Plan(options=options, config=config, checkpoint=checkpoint, vae=vae, text_encoder=text_encoder,
                    tokenizer=tokenizer, conditioning=conditioning, prompts=tuple(prompts), batch_size=batch_size,
                    mesh=mesh, backends=backends, num_chunks=num_chunks, requested_frames=requested_frames,
