@@ -1,9 +1,11 @@
 """Issue 18, generation side: no bad input crashes, hangs or lies. Each bad input gives a GenerateError
 (in process) or exit code 2 with one line `error: ...` (the CLI), and no existing output changes;
 NaN latents stop the run naming the chunk; SIGTERM leaves no partial file; a --mesh run prints no
-fork warning; a smoke run never replaces the demo's outputs."""
+fork warning; warnings become notes in the report; speeds lead with end-to-end FPS; the retrieval
+summary is a distance distribution. docs/bad_inputs.md lists every case with its test."""
 
 import functools
+import json
 import os
 import re
 import signal
@@ -18,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from omnimem_jax import sampler
 from omnimem_jax.generation import plan as planning
-from omnimem_jax.generation import run
+from omnimem_jax.generation import report, run
 from omnimem_jax.generation.options import MAX_SEED, GenerateError, GenerateOptions
 from omnimem_jax.memory import select, store
 from omnimem_jax.rollout import NonFiniteLatentsError, Rollout, first_nonfinite_chunk
@@ -32,13 +34,15 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kerne
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-  """Tiny converted checkpoints: a DiT with a NaN weight, a text encoder and a tokenizer."""
+  """Tiny converted checkpoints: a window-mode DiT (no gates), one with a NaN weight, a text encoder
+  and a tokenizer."""
   root = tmp_path_factory.mktemp("models")
   weights = load_file(DIT_WEIGHTS)
   weights["head.head.weight"][0, 0] = np.nan
   save_file(weights, root / "nan.safetensors")
   text_encoder, tokenizer = save_text_model(root)
-  return {"nan_dit": save_dit(root / "nan_dit", tiny(mode="window"), weights=root / "nan.safetensors"),
+  return {"window_dit": save_dit(root / "window_dit", tiny(mode="window")),
+          "nan_dit": save_dit(root / "nan_dit", tiny(mode="window"), weights=root / "nan.safetensors"),
           "text_encoder": text_encoder, "tokenizer": tokenizer}
 
 
@@ -160,6 +164,12 @@ def test_robust_default_outputs_keep_the_demo_video(tmp_path, monkeypatch):
   assert demo.output == Path("outputs/video.mp4") and demo.report == Path("outputs/video.json")
 
 
+def test_robust_report_paths_as_given():
+  """Relative and outside paths as given; the demo checkpoint that generate.py fills in (absolute)
+  relative to the repository, never the machine's checkout location."""
+  assert report.shown_path(ROOT / "assets/demo_checkpoint") == "assets/demo_checkpoint"
+  assert report.shown_path("models/dit") == "models/dit" and report.shown_path("/data/x.npy") == "/data/x.npy"
+  assert report.shown_path("../x/y.mp4") == "../x/y.mp4" and report.shown_path(None) is None
 
 
 # ---- runs ------------------------------------------------------------------------------------------
@@ -200,6 +210,33 @@ def test_robust_cli_nan_checkpoint_exits_2_with_one_line(tmp_path, existing, mod
   assert _files(tmp_path) == {path.name: content for path, content in existing.items()}
 
 
+def test_robust_warnings_become_notes_and_paths_stay_as_given(tmp_path, models, monkeypatch, capsys):
+  """Untrained gates (restore's log warning) and a truncated prompt (the tokenizer's Python warning)
+  are printed on stdout as notes and land in the report; the report shows paths as given; speeds lead
+  with end-to-end FPS."""
+  monkeypatch.chdir(tmp_path)
+  for name in ("window_dit", "text_encoder", "tokenizer"):
+    (tmp_path / name).symlink_to(models[name])
+  record = run.generate(GenerateOptions(
+      checkpoint="window_dit", attention="omnimem", init_missing_gates=True, text_encoder="text_encoder",
+      tokenizer="tokenizer", prompt="a red dog runs over the green hill at dawn", num_frames=9, output="clips/a.mp4"))
+  out, err = capsys.readouterr()
+  warned = ["OmniMem gates were freshly initialised", "prompt 0 is longer than text_len = 8 tokens"]
+  for text in warned:
+    assert text in out and text not in err and sum(text in note for note in record["notes"]) == 1
+  assert [line for line in err.splitlines() if not line.startswith("chunk ")] == []
+  assert re.fullmatch(r"chunk 1/1 +[0-9.]+ FPS end to end +[0-9.]+ ms  \(DiT [0-9.]+ ms\)  ETA 0\.0 s", err.strip())
+  assert json.loads((tmp_path / "clips/a.json").read_text())["notes"] == record["notes"]
+  assert {key: record["inputs"][key] for key in ("checkpoint", "text_encoder", "tokenizer")} == {
+      "checkpoint": "window_dit", "text_encoder": "text_encoder", "tokenizer": "tokenizer"}
+  assert record["output"] == "clips/a.mp4"
+  timing = record["timing"]
+  assert list(timing)[:2] == ["end_to_end_fps", "end_to_end_seconds"]
+  assert timing["end_to_end_fps"] == pytest.approx(9 / timing["end_to_end_seconds"])
+  assert timing["end_to_end_fps"] <= 9 / sum(timing["chunk_seconds"]) <= timing["dit_fps"]
+  assert sum(timing["chunk_seconds"]) >= sum(timing["dit_chunk_seconds"]) and timing["fps_after_first_chunk"] is None
+  closing = out.splitlines()[-1]
+  assert re.search(r"wrote clips/a\.mp4 .* [0-9.]+ FPS end to end \(.*\); the DiT alone [0-9.]+ FPS", closing)
 
 
 def test_robust_cli_mesh_smoke_run_stopped_by_sigterm(tmp_path):
@@ -232,3 +269,23 @@ def test_robust_cli_mesh_smoke_run_stopped_by_sigterm(tmp_path):
   assert [line for line in "".join(stderr).splitlines() if not line.startswith("chunk ")] == []
   assert _files(outputs) == demo
 
+
+# ---- the report's retrieval summary --------------------------------------------------------------
+
+
+def test_robust_retrieval_summary_of_a_hand_made_histogram():
+  histograms = np.zeros((3, 2, 5), np.int32)  # [chunks, layers, bins]: picks 0..4 chunks back
+  histograms[0, 0, 0] = 4
+  histograms[2, 0, [0, 2]] = [2, 2]
+  histograms[2, 1, [1, 4]] = [1, 3]
+  summary = report.retrieval_summary(histograms)
+  assert summary["selected"] == 12 and summary["histogram"] == [6, 1, 2, 0, 3]
+  assert summary["mean_distance"] == pytest.approx((1 + 4 + 12) / 12) and summary["median_distance"] == 0
+  layer_0, layer_1 = summary["per_layer"]
+  assert layer_0 == {"layer": 0, "selected": 8, "histogram": [6, 0, 2, 0, 0], "mean_distance": 0.5,
+                     "median_distance": 0}
+  assert layer_1 == {"layer": 1, "selected": 4, "histogram": [0, 1, 0, 0, 3], "mean_distance": 3.25,
+                     "median_distance": 4}
+  empty = report.retrieval_summary(np.zeros((1, 1, 3), np.int32))
+  assert empty["selected"] == 0 and empty["mean_distance"] is None and empty["median_distance"] is None
+  assert json.loads(json.dumps(summary)) == summary

@@ -360,27 +360,26 @@ def _check_top_k(top_k: int, config: ModelConfig, num_chunks: int) -> None:
           f"{memory.exclude_window_chunks}); the maximum is --top_k={most}")
 
 
-def _dit(options: GenerateOptions, path: str | None) -> tuple[Path | None, ModelConfig, int, int, list[str]]:
-  """(checkpoint, the config to run, requested frames, chunks, notes): the DiT's record read, the length
-  and the memory flags applied, the gates rule checked."""
+def _dit(options: GenerateOptions, path: str | None) -> tuple[Path | None, ModelConfig, int, int]:
+  """(checkpoint, the config to run, requested frames, chunks): the DiT's record read, the length and
+  the memory flags applied, the gates rule checked (untrained gates: restoring warns, and the run
+  turns that warning into a note)."""
   checkpoint = record = None
   if path is not None:
     checkpoint, record = _record(path, "--checkpoint", checkpoints.Kind.DIT)
   base = _base_config(options, checkpoint, record)
   requested_frames, num_chunks = _length(options, base)
   config = _with_memory_flags(options, base, num_chunks)
-  notes = []
   if record is not None:
     saved_mode = record.config["memory"]["mode"]
     try:
-      if wan_dit.gates_to_initialise(config.memory.mode, bool(record.has_gates), allow=options.init_missing_gates,
-                                     source=f"--checkpoint={path}",
-                                     remedy=f"it was converted for {saved_mode} mode: pass --attention={saved_mode}, "
-                                            "or --init_missing_gates to start omnimem mode from untrained gates"):
-        notes.append("--init_missing_gates: the OmniMem gates start untrained; omnimem-mode output is not meaningful")
+      wan_dit.gates_to_initialise(config.memory.mode, bool(record.has_gates), allow=options.init_missing_gates,
+                                  source=f"--checkpoint={path}",
+                                  remedy=f"it was converted for {saved_mode} mode: pass --attention={saved_mode}, "
+                                         "or --init_missing_gates to start omnimem mode from untrained gates")
     except ValueError as err:
       raise GenerateError(str(err)) from err
-  return checkpoint, config, requested_frames, num_chunks, notes
+  return checkpoint, config, requested_frames, num_chunks
 
 
 def _vae(path: str | None, config: ModelConfig) -> tuple[Path | None, int]:
@@ -473,7 +472,7 @@ def plan(options: GenerateOptions) -> Plan:
   paths = _model_paths(options)
   _check_flags(options, paths)
   backends = _backends(options.backends)
-  checkpoint, config, requested_frames, num_chunks, dit_notes = _dit(options, paths["checkpoint"])
+  checkpoint, config, requested_frames, num_chunks = _dit(options, paths["checkpoint"])
   vae, pixel_scale = _vae(paths["vae"], config)
   wants_text = options.prompt is not None or options.prompt_file is not None
   text_encoder, tokenizer = _text(paths, config) if wants_text else (None, None)
@@ -484,5 +483,5 @@ def plan(options: GenerateOptions) -> Plan:
                    tokenizer=tokenizer, conditioning=conditioning, prompts=tuple(prompts), batch_size=batch_size,
                    mesh=mesh, backends=backends, num_chunks=num_chunks, requested_frames=requested_frames,
                    output=output, report=report, latents=latents, pixel_scale=pixel_scale,
-                   notes=(*dit_notes, *notes))
+                   notes=tuple(notes))
   return dataclasses.replace(validated, notes=_notes(validated))
