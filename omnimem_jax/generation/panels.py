@@ -21,6 +21,18 @@ def label_scale(labels: list[str], panel_width: int) -> int:
   return max(1, min(2, panel_width // max(longest, 1)))
 
 
+def upscale_for(panel_width: int) -> int:
+  """Nearest upsampling that makes a panel at least 256 pixels wide (small demo videos), else 1."""
+  return max(1, -(-256 // panel_width))
+
+
+def frame_size(panel_height: int, panel_width: int, labels: list[str], upscale: int) -> tuple[int, int]:
+  """(height, width) of `compose`'s frames for len(labels) panels of panel_height x panel_width."""
+  width = panel_width * upscale
+  bar = glyphs.label_bar(labels[0], width, scale=label_scale(labels, width)).shape[0]
+  return panel_height * upscale + 2 * bar, len(labels) * width + (len(labels) - 1) * GAP
+
+
 def compose(panels: list[UInt8[np.ndarray, "t h w 3"]], labels: list[str], captions: list[str], *, upscale: int = 1
             ) -> UInt8[np.ndarray, "t hh ww 3"]:
   """Panels side by side (each `upscale`d, nearest), labels above, one caption per frame below.
