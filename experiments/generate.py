@@ -1,7 +1,9 @@
 r"""Generates a long video: prompt(s) in, mp4 and a JSON run report out (logic: omnimem_jax/generation/).
 
-  python experiments/generate.py            # the committed demo model (assets/demo_checkpoint), ~10 s on a CPU
-  python experiments/generate.py --preset=tiny   # smoke run: random weights, tests the pipeline
+  python experiments/generate.py            # the committed demo model (assets/demo_checkpoint), ~10 s on a
+                                            # CPU: outputs/demo.mp4 and outputs/demo.json
+  python experiments/generate.py --preset=tiny   # smoke run: random weights, tests the pipeline;
+                                                 # outputs/smoke.mp4 (other models: outputs/video.mp4)
   python experiments/generate.py --model_dir=models/omnimem --prompt="a corgi surfing" --seconds=60 \
       --output=outputs/corgi.mp4
   python experiments/generate.py --model_dir=models/longlive --attention=sink_window \
@@ -12,14 +14,18 @@ r"""Generates a long video: prompt(s) in, mp4 and a JSON run report out (logic: 
   python experiments/generate.py --preset=tiny --backends=selection=triton+xla,dense=mosaic_gpu+xla
                                                # kernel backend per op; the report records what ran
 
-Bad input (missing or mismatched checkpoints, wrong shapes, lengths past the RoPE horizon, unwritable
-outputs, conflicting flags) gives one line `error: ...` on stderr and exit code 2, before any weights
-are loaded.
+Bad input (missing or mismatched checkpoints, wrong shapes, NaN or inf embeddings, lengths past the
+RoPE horizon, a --top_k beyond the blocks there are to select, unwritable outputs, conflicting flags;
+docs/bad_inputs.md lists them) gives one line `error: ...` on stderr and exit code 2, before any weights
+are loaded. A model that makes NaN or inf latents stops the run the same way, naming the chunk. On an
+error, Ctrl-C or SIGTERM, no partial file is left and existing outputs are untouched.
 """
 
 import dataclasses
+import signal
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from absl import app, flags
 from omnimem_kernels.backends import OPS
@@ -27,6 +33,7 @@ from omnimem_kernels.backends import OPS
 from omnimem_jax import cli, sharding
 from omnimem_jax.config import ATTENTION_MODES, PRESETS
 from omnimem_jax.generation import options, plan, run
+from omnimem_jax.rollout import NonFiniteLatentsError
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax DiT checkpoint (experiments/convert_checkpoint.py); "
                                   "none: assets/demo_checkpoint, or with --preset random weights (a smoke run).")
@@ -51,7 +58,8 @@ _GROUP_SIZE = flags.DEFINE_integer("group_size", None, "Queries sharing one sele
 _CAPACITY = flags.DEFINE_integer("capacity_chunks", None, "KV store slots (default: every chunk of the video, "
                                  "full history); fewer reuse slots and drop the oldest chunks.")
 _RECACHE = flags.DEFINE_integer("recache_frames", 21, "Latent frames re-encoded under a new prompt at a switch.")
-_OUTPUT = flags.DEFINE_string("output", options.DEFAULT_OUTPUT, "mp4 to write.")
+_OUTPUT = flags.DEFINE_string("output", None, f"mp4 to write (default: {options.DEMO_OUTPUT} for the demo model, "
+                              f"{options.SMOKE_OUTPUT} for random weights, else {options.MODEL_OUTPUT}).")
 _REPORT = flags.DEFINE_string("report", None, "JSON run report (default: --output with .json).")
 _SAVE_LATENTS = flags.DEFINE_string("save_latents", None, "Also save the latents [B, C, frames, H, W] to this .npy.")
 _VAE = flags.DEFINE_string("vae", None, "Converted Wan VAE checkpoint; none: a latent visualisation.")
@@ -77,6 +85,13 @@ _BACKENDS = flags.DEFINE_string("backends", None, f"Kernel backend per op ({', '
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_checkpoint"
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+  """SIGTERM ends the run as Ctrl-C does: the exception unwinds through the atomic writers, which remove
+  their partial files (exit code 128 + 15, the shell's convention)."""
+  del frame
+  raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
@@ -85,12 +100,16 @@ def main(argv: Sequence[str]) -> None:
   asked = options.GenerateOptions(**{name: flags.FLAGS[name].value for name in fields})
   if asked.checkpoint is None and asked.model_dir is None and asked.preset is None and DEMO_CHECKPOINT.is_dir():
     # No model named: the demo model trained on the synthetic orbiting-camera world (README, "Training").
-    asked = dataclasses.replace(asked, checkpoint=str(DEMO_CHECKPOINT))
+    asked = dataclasses.replace(asked, checkpoint=str(DEMO_CHECKPOINT), output=asked.output or options.DEMO_OUTPUT)
   try:
     validated = plan.plan(asked)
   except options.GenerateError as err:
     cli.fail(err)
-  run.run(validated)
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
+  try:
+    run.run(validated)
+  except NonFiniteLatentsError as err:
+    cli.fail(f"{err}; {validated.output} was not written (an existing file is untouched)")
 
 
 if __name__ == "__main__":

@@ -5,15 +5,19 @@ rewrites the chunk's K/V from its clean latents (`sampler.sample_chunk`). The ro
 
 - `RolloutConfig`: the frozen description of a rollout (sampler, batch, store dtype, retrieval
   statistics, backends, noise function): everything its compiled functions depend on;
-- `RolloutState`: the explicit pytree state (KV store, noise key, next chunk, and the clean latents of
-  the most recent chunks with their chunk indices, kept for a prompt switch's KV recache);
+- `RolloutState`: the explicit pytree state (KV store, noise key, next chunk, the clean latents of the
+  most recent chunks with their chunk indices, kept for a prompt switch's KV recache, and the first
+  chunk whose latents were not finite);
 - pure functions `(model, state, ...) -> state`: `generate_segment` (chunks as one `lax.scan`, the
   store in the carry), `write_context` (given clean latents written as context chunks: a prefix) and
   `recache` (the recent chunks re-encoded under a new prompt);
 - `Rollout`: those functions jitted once for one model (once per segment length; the store donated),
   placed on its devices, and the `stream` / `run` driver.
 
-The chunk index is traced, so a rollout of any length compiles once per segment length. The noise of
+The chunk index is traced, so a rollout of any length compiles once per segment length. A chunk whose
+clean latents hold NaN or inf (broken weights or inputs) is recorded on the device as the state's
+`nonfinite_chunk`, one flag per chunk reduced inside the compiled scan; `stream` checks it with each
+segment it fetches anyway and stops with `NonFiniteLatentsError` naming the chunk. The noise of
 chunk c, step s comes from `config.noise(key, c, s, shape)` (default `sampler.gaussian_noise`:
 `fold_in(fold_in(key, c), s)`), so the same seed gives the same video whatever the segmenting, and a
 caller can supply the noise to check a rollout against an external reference.
@@ -45,6 +49,10 @@ from omnimem_jax.model.wan import CausalWanModel, CrossKV
 from omnimem_jax.sampler import NoiseFn, gaussian_noise, sample_chunk
 from omnimem_kernels import dispatch
 from omnimem_kernels.backends import Backends
+
+
+class NonFiniteLatentsError(FloatingPointError):
+  """A chunk's clean latents hold NaN or inf: the rollout stops rather than yield a broken (black) video."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +87,12 @@ class RolloutState:
   next_chunk: Int[Array, ""]  # the chunk the next segment starts at
   recent: Float[Array, "r b c f h w"]  # clean latents of the last r chunks, oldest first (KV recache)
   recent_chunks: Int[Array, " r"]  # their chunk indices; -1: none yet
+  nonfinite_chunk: Int[Array, ""]  # the first chunk whose clean latents held NaN or inf; -1: none
 
 
 # Logical axis names of the state's arrays (`sharding.tree_shardings`).
 STATE_AXES = RolloutState(store=kv_store.LOGICAL_AXES, key=(), next_chunk=(), recent=(None, *sharding.LATENT_AXES),
-                          recent_chunks=(None,))
+                          recent_chunks=(None,), nonfinite_chunk=())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +121,15 @@ def initial_state(model: CausalWanModel, config: RolloutConfig, key: jax.Array, 
     store = kv_store.init_store(model.config, config.batch_size, config.store_dtype)
   return RolloutState(store=store, key=key, next_chunk=jnp.int32(0),
                       recent=jnp.zeros((recache_chunks, *chunk_shape(model, config.batch_size)), jnp.float32),
-                      recent_chunks=jnp.full((recache_chunks,), -1, jnp.int32))
+                      recent_chunks=jnp.full((recache_chunks,), -1, jnp.int32), nonfinite_chunk=jnp.int32(-1))
+
+
+def first_nonfinite_chunk(earlier: Int[Array, ""], latents: Float[Array, "n b c f h w"],
+                          chunks: Int[Array, " n"]) -> Int[Array, ""]:
+  """`earlier` if it names a chunk (>= 0), else the first of `chunks` whose latents hold NaN or inf, or
+  -1: one reduction per chunk, on the device, so the host checks one scalar per segment."""
+  finite = jnp.isfinite(latents).reshape(chunks.shape[0], -1).all(axis=1)
+  return jnp.where(earlier >= 0, earlier, jnp.where(finite.all(), -1, chunks[jnp.argmin(finite)]))
 
 
 def _advance(state: RolloutState, store: KVStore, latents: Float[Array, "n b c f h w"],
@@ -122,7 +139,8 @@ def _advance(state: RolloutState, store: KVStore, latents: Float[Array, "n b c f
   recent = jnp.concatenate([state.recent, latents.astype(jnp.float32)])[drop:]
   recent_chunks = jnp.concatenate([state.recent_chunks, chunks])[drop:]
   return dataclasses.replace(state, store=store, next_chunk=state.next_chunk + drop, recent=recent,
-                             recent_chunks=recent_chunks)
+                             recent_chunks=recent_chunks,
+                             nonfinite_chunk=first_nonfinite_chunk(state.nonfinite_chunk, latents, chunks))
 
 
 def _to_video(latents: Float[Array, "n b c f h w"]) -> Float[Array, "b c nf h w"]:
@@ -223,7 +241,8 @@ class Rollout:
 
   The state-level API (`init_state`, `write_context`, `generate`, `recache`) drives the same compiled
   functions step by step, e.g. to start from a ground-truth prefix. Each takes the state by donation:
-  use the returned state, never the one passed in.
+  use the returned state, never the one passed in; `check_finite(state)` refuses one whose chunks made
+  NaN or inf latents.
   """
 
   def __init__(self, model: CausalWanModel, sampler: SamplerConfig = SamplerConfig(), *, batch_size: int = 1,
@@ -385,6 +404,14 @@ class Rollout:
   def _next_chunk(self, state: RolloutState) -> int:
     return int(jax.device_get(state.next_chunk))
 
+  def check_finite(self, state: RolloutState) -> None:
+    """Raises NonFiniteLatentsError if a chunk of this state's rollout made NaN or inf latents (fetches
+    one scalar from the device: call it where the latents are fetched anyway)."""
+    chunk = int(jax.device_get(state.nonfinite_chunk))
+    if chunk >= 0:
+      raise NonFiniteLatentsError(f"chunk {chunk}: the DiT made NaN or infinite latents (are the checkpoint's "
+                                  "weights or the text embeddings finite? is the dtype too narrow?)")
+
   # ---- driver ----------------------------------------------------------------------------------
 
   def check_length(self, num_chunks: int, first_chunk: int = 0) -> None:
@@ -405,6 +432,8 @@ class Rollout:
       segment_chunks: chunks per compiled scan (1 streams; num_chunks runs one scan).
       recache_chunks: chunks before a switch re-encoded under the new prompt (still stored ones).
       store: continue from this store (default: a fresh one; donated). The final state is `self.state`.
+
+    Raises NonFiniteLatentsError, naming the chunk, instead of yielding a segment with NaN or inf latents.
     """
     self.check_length(num_chunks)
     starts = [start for start, _ in prompts]
@@ -425,6 +454,7 @@ class Rollout:
         self.state = self.recache(self.state, cross)
       self.state, latents, histograms = self.generate(self.state, cross, segment_chunks)
       latents.block_until_ready()
+      self.check_finite(self.state)
       seconds = time.perf_counter() - start_time
       self.timings.append((first, segment_chunks, seconds))
       yield SegmentOutput(first, latents, histograms, seconds)

@@ -2,8 +2,13 @@
 
 Frames go to a temporary name in the target directory and are renamed into place when the file is
 complete (`omnimem_jax.io.atomic_file`), so an interrupted run never leaves a truncated video under the
-final name. `Mp4Writer`
-takes frames chunk by chunk as a streaming rollout decodes them; `write_mp4` writes a whole video.
+final name. `Mp4Writer` takes frames chunk by chunk as a streaming rollout decodes them; `write_mp4`
+writes a whole video.
+
+ffmpeg starts with the first frames, without a `preexec_fn` (imageio-ffmpeg's
+IMAGEIO_FFMPEG_NO_PREVENT_SIGINT), so `subprocess` spawns it without running Python's fork hooks: safe
+once JAX's threads exist, and without JAX's `os.fork()` deadlock warning. ffmpeg then shares the
+terminal's Ctrl-C, which aborts the partial file all the same.
 """
 
 from __future__ import annotations
@@ -49,11 +54,18 @@ class Mp4Writer:
     if self.path.suffix.lower() != ".mp4":
       raise ValueError(f"expected an .mp4 path, got {self.path}")
     self.height, self.width, self.frames = height, width, 0
-    ffmpeg = _imageio_ffmpeg()
+    self._ffmpeg, self._fps, self._quality = _imageio_ffmpeg(), fps, quality
+    self._gen: Any = None  # the imageio-ffmpeg writer, from the first frames on
+    self._target: contextlib.ExitStack | None = None  # its `io.atomic_file`
+
+  def _start(self) -> None:
+    """Starts ffmpeg on the temporary file (see the module docstring on how it is spawned)."""
+    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
     with contextlib.ExitStack() as stack:  # a failed start removes the partial file
       partial = stack.enter_context(io.atomic_file(self.path))
-      self._gen = ffmpeg.write_frames(str(partial), (width, height), fps=fps, quality=quality, macro_block_size=1,
-                                      pix_fmt_in="rgb24", pix_fmt_out="yuv420p")
+      self._gen = self._ffmpeg.write_frames(str(partial), (self.width, self.height), fps=self._fps,
+                                            quality=self._quality, macro_block_size=1, pix_fmt_in="rgb24",
+                                            pix_fmt_out="yuv420p")
       self._gen.send(None)
       self._target = stack.pop_all()  # closed normally: renamed into place; exited with an error: removed
 
@@ -65,24 +77,29 @@ class Mp4Writer:
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
       raise ValueError(f"frames must be uint8 [T, {self.height}, {self.width}, 3], got {frames.dtype} "
                        f"{frames.shape} (convert with omnimem_jax.model.vae.to_uint8)")
+    if self._gen is None:
+      self._start()
     for frame in frames:
       self._gen.send(np.ascontiguousarray(frame))
     self.frames += len(frames)
 
   def close(self) -> Path:
     """Finishes the file and renames it into place; returns its path."""
-    self._gen.close()
     if self.frames == 0:
       self.abort()
       raise ValueError(f"no frames were written to {self.path}")
+    self._gen.close()
     self._target.close()
     return self.path
 
   def abort(self) -> None:
-    """Stops writing and removes the partial file."""
+    """Stops writing and removes the partial file (nothing to do before the first frames)."""
+    if self._gen is None:
+      return
     self._gen.close()
     aborted = RuntimeError(f"writing {self.path} was aborted")
     self._target.__exit__(RuntimeError, aborted, None)  # the error exit of `io.atomic_file`: no rename
+    self._gen = None
 
   def __enter__(self) -> Mp4Writer:
     return self

@@ -7,9 +7,6 @@ import pytest
 
 from omnimem_jax import video
 
-# imageio-ffmpeg starts ffmpeg with subprocess (fork + exec at once), which JAX's fork warning flags.
-pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
-
 
 def _frames(count: int, height: int = 32, width: int = 48) -> np.ndarray:
   ramp = np.linspace(0, 255, width, dtype=np.float32)[None, None, :, None]

@@ -6,8 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 DEFAULT_SECONDS = 10.0  # video length when neither --seconds nor --num_frames is given
-DEFAULT_OUTPUT = "outputs/demo.mp4"
+# The default --output: the demo model (experiments/generate.py without model flags), a smoke run (random
+# weights), or any other model; so a smoke run never replaces the demo's video.
+DEMO_OUTPUT = "outputs/demo.mp4"
+SMOKE_OUTPUT = "outputs/smoke.mp4"
+MODEL_OUTPUT = "outputs/video.mp4"
 DEFAULT_PRESET = "tiny"
+MAX_SEED = 2**32 - 1  # noise seeds are uint32
 # --model_dir layout: component -> subdirectory.
 MODEL_DIR_LAYOUT = {"checkpoint": "dit", "vae": "vae", "text_encoder": "text_encoder", "tokenizer": "tokenizer"}
 
@@ -26,12 +31,13 @@ class GenerateOptions:
     prompt / prompt_file / text_embeddings: conditioning, at most one. The prompt file has lines
       `latent_frame: prompt`; None of them: a random embedding from the seed.
     seconds / num_frames: video length (16 fps), at most one; default DEFAULT_SECONDS.
-    seed: noise seed (and seed of random weights and of a random embedding).
+    seed: noise seed (and seed of random weights and of a random embedding), 0 .. MAX_SEED.
     attention: "omnimem", "window", "sink_window" or "dense" (default: the checkpoint's mode, or omnimem).
     top_k, window_chunks, exclude_window_chunks, group_size: MemoryConfig overrides.
     capacity_chunks: KV store slots (default: every requested chunk, i.e. full history).
     recache_frames: latent frames re-encoded under a new prompt at a switch (rounded down to chunks).
-    output: mp4 path; report: JSON path (default: output with .json); save_latents: optional .npy path.
+    output: mp4 path (default: SMOKE_OUTPUT for random weights, else MODEL_OUTPUT); report: JSON path
+      (default: output with .json); save_latents: optional .npy path.
     vae, text_encoder, tokenizer: converted VAE / umT5 checkpoints and the tokenizer directory.
     model_dir: a directory laid out as MODEL_DIR_LAYOUT; fills the four paths above that are not given.
     init_missing_gates: omnimem mode from a checkpoint without gates (untrained gates).
@@ -59,7 +65,7 @@ class GenerateOptions:
   group_size: int | None = None
   capacity_chunks: int | None = None
   recache_frames: int = 21
-  output: str = DEFAULT_OUTPUT
+  output: str | None = None
   report: str | None = None
   save_latents: str | None = None
   vae: str | None = None

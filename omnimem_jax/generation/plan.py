@@ -1,7 +1,7 @@
 """Validation and planning of a generation run: every flag, file and combination is checked before any
-weights load (only JSON checkpoint records, .npy headers and the prompt file are read), and the run is
-resolved into a `Plan`: paths, the model config, the length in chunks, the conditioning, the outputs.
-Any bad input raises `GenerateError` with a one-line message."""
+weights load (only JSON checkpoint records, the text-embeddings .npy, which is small, and the prompt file
+are read), and the run is resolved into a `Plan`: paths, the model config, the length in chunks, the
+conditioning, the outputs. Any bad input raises `GenerateError` with a one-line message."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from omnimem_kernels.backends import Backends
 from omnimem_jax import checkpoints
 from omnimem_jax.config import ATTENTION_MODES, PRESETS, ModelConfig
 from omnimem_jax.convert import wan_dit
-from omnimem_jax.generation.options import (DEFAULT_PRESET, DEFAULT_SECONDS, MODEL_DIR_LAYOUT, GenerateError,
-                                            GenerateOptions, PromptSwitch)
+from omnimem_jax.generation.options import (DEFAULT_PRESET, DEFAULT_SECONDS, MAX_SEED, MODEL_DIR_LAYOUT, MODEL_OUTPUT,
+                                            SMOKE_OUTPUT, GenerateError, GenerateOptions, PromptSwitch)
 from omnimem_jax.model.vae import VAEConfig
 
 LATENT_PIXEL_SCALE = 8  # the latent visualisation's upsampling (as the Wan VAE's spatial compression)
@@ -87,6 +87,22 @@ def chunks_for_frames(frames: int, config: ModelConfig) -> int:
   return 1 + max(0, math.ceil((frames - first) / later))
 
 
+def max_candidate_blocks(config: ModelConfig, num_chunks: int) -> int:
+  """The most blocks one (query group, head) can select from in a run of `num_chunks` chunks (omnimem
+  mode): chunk c's candidates are the stored chunks 0..c - exclude_window_chunks (0..c while c <
+  exclude_window_chunks with progressive exclusion: `select.candidate_blocks`), and the store holds
+  only the last capacity_chunks chunks. A larger top_k only pads the selection (and costs time)."""
+  memory = config.memory
+  most = 0
+  for chunk in range(num_chunks):
+    last = chunk - memory.exclude_window_chunks
+    if memory.progressive_exclude and chunk < memory.exclude_window_chunks:
+      last = chunk
+    oldest = max(0, chunk - memory.capacity_chunks + 1)
+    most = max(most, last - oldest + 1)
+  return most * config.blocks_per_chunk
+
+
 def architecture(config: ModelConfig) -> dict[str, Any]:
   """The config without its memory settings (which a run may change)."""
   fields = config.to_dict()
@@ -136,15 +152,26 @@ def _writable_file(path: str, flag: str, suffix: str) -> Path:
   return target
 
 
-def read_prompt_file(path: str, frames_per_chunk: int) -> tuple[list[PromptSwitch], list[str]]:
-  """Parses `latent_frame: prompt` lines (blank lines and '#' comments skipped); returns the switches
-  and notes about frames rounded down to a chunk boundary."""
+def _prompt_lines(path: str) -> list[str]:
+  """The prompt file's lines, refusing a missing or unreadable file and one that is not UTF-8 text."""
   file = Path(path)
   if not file.is_file():
     _fail(f"--prompt_file={path} does not exist")
+  try:
+    return file.read_text(encoding="utf-8").splitlines()
+  except UnicodeDecodeError as err:
+    raise GenerateError(f"--prompt_file={path} is not UTF-8 text: byte {err.object[err.start]:#04x} at offset "
+                        f"{err.start}; save it as UTF-8") from err
+  except OSError as err:
+    raise GenerateError(f"--prompt_file={path} cannot be read: {err.strerror}") from err
+
+
+def read_prompt_file(path: str, frames_per_chunk: int) -> tuple[list[PromptSwitch], list[str]]:
+  """Parses `latent_frame: prompt` lines (blank lines and '#' comments skipped); returns the switches
+  and notes about frames rounded down to a chunk boundary."""
   switches: list[PromptSwitch] = []
   notes = []
-  for number, line in enumerate(file.read_text().splitlines(), start=1):
+  for number, line in enumerate(_prompt_lines(path), start=1):
     if not line.strip() or line.lstrip().startswith("#"):
       continue
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\S.*?)\s*", line)
@@ -168,8 +195,8 @@ def read_prompt_file(path: str, frames_per_chunk: int) -> tuple[list[PromptSwitc
 
 
 def _embedding_batch(path: str, config: ModelConfig) -> int:
-  """Batch size of a text-embeddings .npy ([tokens, text_dim] or [B, tokens, text_dim]), read from its
-  header only."""
+  """Batch size of a text-embeddings .npy ([tokens, text_dim] or [B, tokens, text_dim]), refusing other
+  shapes, non-float dtypes and NaN or inf values (which would give a black video, not an error)."""
   file = Path(path)
   if not file.is_file():
     _fail(f"--text_embeddings={path} does not exist")
@@ -184,28 +211,41 @@ def _embedding_batch(path: str, config: ModelConfig) -> int:
           f"[batch, tokens, {config.text_dim}] with 1 <= tokens <= {config.text_len} (text-encoder output)")
   if not np.issubdtype(array.dtype, np.floating):
     _fail(f"--text_embeddings={path} has dtype {array.dtype}; expected floating point")
+  bad = ~np.isfinite(array)
+  if bad.any():
+    _fail(f"--text_embeddings={path} holds {int(bad.sum())} NaN or infinite values (the first at index "
+          f"{np.argwhere(bad)[0].tolist()}); a text encoder's output is finite: recompute the embeddings")
   return 1 if len(shape) == 2 else shape[0]
 
 
-def _length(options: GenerateOptions, config: ModelConfig) -> tuple[int, int]:
-  """(requested video frames, chunks), refusing lengths past the RoPE table."""
+def _requested_frames(options: GenerateOptions, config: ModelConfig) -> tuple[int, str]:
+  """(video frames asked for, the flag as given): --num_frames, or --seconds (a finite number > 0) at
+  the config's fps, rounded up to a whole frame."""
   if options.seconds is not None and options.num_frames is not None:
     _fail("give --seconds or --num_frames, not both")
   if options.num_frames is not None:
     if options.num_frames < 1:
       _fail(f"--num_frames must be >= 1, got {options.num_frames}")
-    frames, asked = options.num_frames, f"--num_frames={options.num_frames}"
-  else:
-    seconds = DEFAULT_SECONDS if options.seconds is None else options.seconds
-    if not seconds > 0:
-      _fail(f"--seconds must be > 0, got {seconds}")
-    frames, asked = math.ceil(seconds * config.fps - 1e-9), f"--seconds={seconds:g}"
+    return options.num_frames, f"--num_frames={options.num_frames}"
+  seconds = DEFAULT_SECONDS if options.seconds is None else options.seconds
+  frames = seconds * config.fps
+  if not (seconds > 0 and math.isfinite(frames)):
+    _fail(f"--seconds must be a finite number > 0, got {seconds}")
+  return math.ceil(frames - 1e-9), f"--seconds={seconds:g}"
+
+
+def _length(options: GenerateOptions, config: ModelConfig) -> tuple[int, int]:
+  """(requested video frames, chunks), refusing lengths past the RoPE table. The longest video is
+  named as flags that are accepted (its seconds rounded down, so that they round up to its frames)."""
+  frames, asked = _requested_frames(options, config)
   num_chunks = chunks_for_frames(frames, config)
   if num_chunks > config.max_chunks:
     longest = video_frames_of_chunks(config.max_chunks, config)
+    seconds = math.floor(longest / config.fps * 100) / 100
     _fail(f"{asked} needs {num_chunks} chunks ({num_chunks * config.memory.frames_per_chunk} latent frames), past "
           f"the RoPE horizon of {config.rope_max_frames} latent frames ({config.max_video_seconds:.1f} s); the "
-          f"longest video is {config.max_chunks} chunks = {longest} frames ({longest / config.fps:.1f} s)")
+          f"longest video is {config.max_chunks} chunks = {longest} frames: --num_frames={longest} or "
+          f"--seconds={seconds:.2f}")
   return frames, num_chunks
 
 
@@ -264,6 +304,8 @@ def _check_flags(options: GenerateOptions, paths: dict[str, str | None]) -> None
     _fail(f"--dtype={options.dtype} is unknown; choose float32 or bfloat16")
   if options.batch_size is not None and options.batch_size < 1:
     _fail(f"--batch_size must be >= 1, got {options.batch_size}")
+  if not 0 <= options.seed <= MAX_SEED:
+    _fail(f"--seed must be in 0..{MAX_SEED} (a 32-bit noise seed), got {options.seed}")
 
 
 def _base_config(options: GenerateOptions, checkpoint: Path | None, record: checkpoints.CheckpointRecord | None
@@ -298,14 +340,30 @@ def _with_memory_flags(options: GenerateOptions, config: ModelConfig, num_chunks
     memory = dataclasses.replace(config.memory, **overrides)
     capacity = (max(num_chunks, memory.min_capacity_chunks) if options.capacity_chunks is None
                 else options.capacity_chunks)
-    return dataclasses.replace(config, memory=dataclasses.replace(memory, capacity_chunks=capacity))
+    config = dataclasses.replace(config, memory=dataclasses.replace(memory, capacity_chunks=capacity))
   except ValueError as err:
     raise GenerateError(f"memory flags: {err}") from err
+  if options.top_k is not None and config.memory.mode == "omnimem":
+    _check_top_k(options.top_k, config, num_chunks)
+  return config
 
 
-def _dit(options: GenerateOptions, path: str | None) -> tuple[Path | None, ModelConfig, int, int, list[str]]:
-  """(checkpoint, the config to run, requested frames, chunks, notes): the DiT's record read, the length
-  and the memory flags applied, the gates rule checked."""
+def _check_top_k(top_k: int, config: ModelConfig, num_chunks: int) -> None:
+  """Refuses a --top_k above the blocks a query group can select from in this run (`max_candidate_blocks`):
+  the extra picks would be padding, at the cost of a larger top-k (a 1 s video once took 249 s)."""
+  most = max_candidate_blocks(config, num_chunks)
+  if top_k > most:
+    memory = config.memory
+    _fail(f"--top_k={top_k} exceeds the {most} blocks a query group can select from in this run "
+          f"({most // config.blocks_per_chunk} chunks of {config.blocks_per_chunk} blocks at most: {num_chunks} "
+          f"chunks, capacity_chunks {memory.capacity_chunks}, exclude_window_chunks "
+          f"{memory.exclude_window_chunks}); the maximum is --top_k={most}")
+
+
+def _dit(options: GenerateOptions, path: str | None) -> tuple[Path | None, ModelConfig, int, int]:
+  """(checkpoint, the config to run, requested frames, chunks): the DiT's record read, the length and
+  the memory flags applied, the gates rule checked (untrained gates: restoring warns, and the run
+  turns that warning into a note)."""
   checkpoint = record = None
   if path is not None:
     checkpoint, record = _record(path, "--checkpoint", checkpoints.Kind.DIT)
@@ -316,18 +374,16 @@ def _dit(options: GenerateOptions, path: str | None) -> tuple[Path | None, Model
   base = _base_config(options, checkpoint, record)
   requested_frames, num_chunks = _length(options, base)
   config = _with_memory_flags(options, base, num_chunks)
-  notes = []
   if record is not None:
     saved_mode = record.config["memory"]["mode"]
     try:
-      if wan_dit.gates_to_initialise(config.memory.mode, bool(record.has_gates), allow=options.init_missing_gates,
-                                     source=f"--checkpoint={path}",
-                                     remedy=f"it was converted for {saved_mode} mode: pass --attention={saved_mode}, "
-                                            "or --init_missing_gates to start omnimem mode from untrained gates"):
-        notes.append("--init_missing_gates: the OmniMem gates start untrained; omnimem-mode output is not meaningful")
+      wan_dit.gates_to_initialise(config.memory.mode, bool(record.has_gates), allow=options.init_missing_gates,
+                                  source=f"--checkpoint={path}",
+                                  remedy=f"it was converted for {saved_mode} mode: pass --attention={saved_mode}, "
+                                         "or --init_missing_gates to start omnimem mode from untrained gates")
     except ValueError as err:
       raise GenerateError(str(err)) from err
-  return checkpoint, config, requested_frames, num_chunks, notes
+  return checkpoint, config, requested_frames, num_chunks
 
 
 def _vae(path: str | None, config: ModelConfig) -> tuple[Path | None, int]:
@@ -385,9 +441,10 @@ def _conditioning(options: GenerateOptions, config: ModelConfig, num_chunks: int
   return conditioning, prompts, batch_size, notes
 
 
-def _outputs(options: GenerateOptions) -> tuple[Path, Path, Path | None]:
-  """(mp4, report, latents or None): writable, distinct files."""
-  output = _writable_file(options.output, "--output", ".mp4")
+def _outputs(options: GenerateOptions, smoke: bool) -> tuple[Path, Path, Path | None]:
+  """(mp4, report, latents or None): writable, distinct files; the default mp4 of a smoke run is
+  SMOKE_OUTPUT, so that it never replaces a model's video."""
+  output = _writable_file(options.output or (SMOKE_OUTPUT if smoke else MODEL_OUTPUT), "--output", ".mp4")
   report = _writable_file(options.report or str(output.with_suffix(".json")), "--report", ".json")
   latents = None if options.save_latents is None else _writable_file(options.save_latents, "--save_latents", ".npy")
   named = [output, report] + ([latents] if latents else [])
@@ -419,16 +476,16 @@ def plan(options: GenerateOptions) -> Plan:
   paths = _model_paths(options)
   _check_flags(options, paths)
   backends = _backends(options.backends)
-  checkpoint, config, requested_frames, num_chunks, dit_notes = _dit(options, paths["checkpoint"])
+  checkpoint, config, requested_frames, num_chunks = _dit(options, paths["checkpoint"])
   vae, pixel_scale = _vae(paths["vae"], config)
   wants_text = options.prompt is not None or options.prompt_file is not None
   text_encoder, tokenizer = _text(paths, config) if wants_text else (None, None)
   conditioning, prompts, batch_size, notes = _conditioning(options, config, num_chunks)
   mesh = None if options.mesh is None else _mesh(options.mesh, config, batch_size)
-  output, report, latents = _outputs(options)
+  output, report, latents = _outputs(options, smoke=checkpoint is None)
   validated = Plan(options=options, config=config, checkpoint=checkpoint, vae=vae, text_encoder=text_encoder,
                    tokenizer=tokenizer, conditioning=conditioning, prompts=tuple(prompts), batch_size=batch_size,
                    mesh=mesh, backends=backends, num_chunks=num_chunks, requested_frames=requested_frames,
                    output=output, report=report, latents=latents, pixel_scale=pixel_scale,
-                   notes=(*dit_notes, *notes))
+                   notes=tuple(notes))
   return dataclasses.replace(validated, notes=_notes(validated))

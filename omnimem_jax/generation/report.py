@@ -1,10 +1,12 @@
 """What a generation run tells: the lines it prints first and last, one progress line per chunk, and
 the JSON run report (inputs, config, video, timing, memory, kernel backends asked for and run,
-retrieval statistics, versions, device)."""
+retrieval statistics, versions, device). Speeds lead with end-to-end frames per second (DiT, decoding
+and writing); the DiT's own figures follow, labelled as such. Paths appear as the user gave them."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -15,6 +17,8 @@ from omnimem_jax.config import store_bytes
 from omnimem_jax.generation.options import DEFAULT_PRESET
 from omnimem_jax.generation.plan import Plan, architecture, video_frames_of_chunks
 
+REPOSITORY = Path(__file__).resolve().parents[2]  # paths inside it are reported relative to it
+
 
 @dataclasses.dataclass(frozen=True)
 class RunFacts:
@@ -24,30 +28,38 @@ class RunFacts:
   sampler: dict[str, Any]  # the SamplerConfig's fields
   latent_frames: int
   pixels: str  # "vae" or "latent_visualisation"
-  chunk_seconds: list[float]  # DiT seconds per chunk (chunk 0 includes compilation)
+  chunk_seconds: list[float]  # per chunk, end to end: DiT, decoding and writing (chunk 0 compiles)
+  dit_chunk_seconds: list[float]  # per chunk, the DiT alone (Rollout.timings)
   compilations: int
-  decode_seconds: float  # decoding and writing
-  total_seconds: float  # end to end
+  total_seconds: float  # end to end: loading, compilation, every chunk
   chunks_in_memory: int  # chunks the KV store holds at the end
   peak_device_bytes: int | None
   histograms: np.ndarray | None  # [chunks, layers, bins] retrieval histograms, or None
   backends_used: dict[str, list[str]]  # op -> kernel backends that ran
+  notes: list[str]  # what the library warned during the run (`run.warnings_as_notes`)
 
 
-def retrieval_summary(histograms: np.ndarray, window_chunks: int) -> dict[str, Any]:
-  """Per-layer statistics of `SegmentOutput.retrieval` stacked over chunks ([chunks, layers, bins]):
-  selected blocks by how many chunks back they lie (summed over chunks; the last bin holds everything
-  at least that far), and the fraction at or beyond `window_chunks` (outside the sliding window)."""
+def _distances(counts: np.ndarray) -> dict[str, Any]:
+  """Picks by distance (`counts[d]`: blocks d chunks back): their number, histogram, mean and median
+  (the smallest distance with at least half the picks at or below it); None where nothing was picked."""
+  total = int(counts.sum())
+  median = int(np.searchsorted(np.cumsum(counts), total / 2)) if total else None
+  mean = float(np.arange(len(counts)) @ counts / total) if total else None
+  return {"selected": total, "histogram": counts.tolist(), "mean_distance": mean, "median_distance": median}
+
+
+def retrieval_summary(histograms: np.ndarray) -> dict[str, Any]:
+  """How far back the blocks the selection picked lie, in chunks, from `SegmentOutput.retrieval`
+  stacked over the run's chunks ([chunks, layers, bins]; bin d counts picks d chunks back).
+
+  The bins reach capacity_chunks, and a store of capacity_chunks slots holds nothing farther back than
+  capacity_chunks - 1, so every distance of the run has its own bin. Returns a dict of named figures:
+  the whole run's (`selected`, `histogram`, `mean_distance`, `median_distance`) and the same per layer
+  (`per_layer`); a further figure is one more key.
+  """
   per_layer = np.asarray(histograms, np.int64).sum(axis=0)  # [layers, bins]
-  layers = []
-  for index, counts in enumerate(per_layer):
-    total = int(counts.sum())
-    outside = int(counts[window_chunks:].sum())
-    layers.append({"layer": index, "histogram": counts.tolist(), "selected": total,
-                   "fraction_outside_window": outside / total if total else None})
-  total, outside = int(per_layer.sum()), int(per_layer[:, window_chunks:].sum())
-  return {"window_chunks": window_chunks, "bins": "chunks back (0 = current chunk; last bin: that many or more)",
-          "fraction_outside_window": outside / total if total else None, "per_layer": layers}
+  return {"bins": "chunks back from the selecting chunk (0 = the current chunk)", **_distances(per_layer.sum(axis=0)),
+          "per_layer": [{"layer": index, **_distances(counts)} for index, counts in enumerate(per_layer)]}
 
 
 # ---- lines -----------------------------------------------------------------------------------------
@@ -69,58 +81,79 @@ def eta_seconds(wall: list[float], num_chunks: int) -> float | None:
   return None if remaining else 0.0
 
 
-def format_progress(chunk: int, num_chunks: int, seconds: float, frames: int, eta: float | None) -> str:
-  """One progress line: chunk i/N, DiT milliseconds, video frames per DiT second, estimated time left."""
+def format_progress(chunk: int, num_chunks: int, frames: int, seconds: float, dit_seconds: float,
+                    eta: float | None) -> str:
+  """One progress line: chunk i/N, its video frames per second end to end (over `seconds`: DiT,
+  decoding and writing), its wall and DiT milliseconds, estimated time left."""
   counter = f"{chunk + 1}/{num_chunks}".rjust(2 * len(str(num_chunks)) + 1)
   remaining = "?" if eta is None else f"{eta:.1f} s"
-  return f"chunk {counter}  {seconds * 1e3:9.1f} ms  {frames / seconds:8.1f} FPS  ETA {remaining}"
+  return (f"chunk {counter}  {frames / seconds:8.1f} FPS end to end  {seconds * 1e3:9.1f} ms  "
+          f"(DiT {dit_seconds * 1e3:.1f} ms)  ETA {remaining}")
 
 
 def closing_line(plan: Plan, record: dict[str, Any]) -> str:
-  """What was written, and how fast."""
+  """What was written, and how fast: end to end first, then the DiT alone."""
   timing = record["timing"]
-  steady = timing["dit_fps_after_first_chunk"]
+  steady = timing["fps_after_first_chunk"]
   return (f"{'SMOKE RUN (random weights): ' if plan.smoke else ''}wrote {plan.output} ({plan.frames} frames, "
-          f"{plan.width}x{plan.height}) and {plan.report}; DiT {timing['dit_seconds']:.2f} s = "
-          f"{timing['dit_fps']:.1f} FPS" + (f" ({steady:.1f} FPS after chunk 0, which compiles)" if steady else "")
-          + f"; end to end {timing['end_to_end_seconds']:.1f} s; {record['memory']['chunks_dropped']} chunks "
-          "dropped from memory")
+          f"{plan.width}x{plan.height}) and {plan.report}: {timing['end_to_end_fps']:.1f} FPS end to end "
+          f"({timing['end_to_end_seconds']:.1f} s with loading and compilation"
+          + (f"; {steady:.1f} FPS after chunk 0" if steady else "") + f"); the DiT alone {timing['dit_fps']:.1f} "
+          f"FPS; {record['memory']['chunks_dropped']} chunks dropped from memory")
 
 
 # ---- the JSON report -------------------------------------------------------------------------------
 
 
+def shown_path(path: Path | str | None) -> str | None:
+  """A path as the report shows it: as given, but relative to the repository where an absolute path lies
+  inside it (the demo checkpoint that experiments/generate.py fills in), so that no machine's checkout
+  location lands in a report."""
+  if path is None:
+    return None
+  path = Path(path)
+  return str(path.relative_to(REPOSITORY)) if path.is_absolute() and path.is_relative_to(REPOSITORY) else str(path)
+
+
 def _inputs(plan: Plan) -> dict[str, Any]:
   options = plan.options
   return {
-      "checkpoint": None if plan.checkpoint is None else str(plan.checkpoint),
+      "checkpoint": shown_path(plan.checkpoint),
       "preset": None if plan.checkpoint is not None else options.preset or DEFAULT_PRESET,
-      "vae": None if plan.vae is None else str(plan.vae),
-      "text_encoder": None if plan.text_encoder is None else str(plan.text_encoder),
-      "tokenizer": None if plan.tokenizer is None else str(plan.tokenizer),
+      "vae": shown_path(plan.vae),
+      "text_encoder": shown_path(plan.text_encoder),
+      "tokenizer": shown_path(plan.tokenizer),
       "conditioning": plan.conditioning,
-      "text_embeddings": options.text_embeddings,
+      "text_embeddings": shown_path(options.text_embeddings),
       "prompts": [dataclasses.asdict(prompt) for prompt in plan.prompts],
       "recache_chunks": plan.recache_chunks,
       "seed": options.seed,
   }
 
 
+def _fps_after_first_chunk(plan: Plan, chunk_seconds: list[float]) -> float | None:
+  """Video frames after chunk 0 (which compiles) per second of the later chunks; None for one chunk."""
+  if len(chunk_seconds) < 2:
+    return None
+  return (plan.frames - video_frames_of_chunks(1, plan.config)) / sum(chunk_seconds[1:])
+
+
 def _timing(plan: Plan, facts: RunFacts) -> dict[str, Any]:
-  chunk_seconds = facts.chunk_seconds
-  dit_seconds = sum(chunk_seconds)
-  steady_fps = ((plan.frames - video_frames_of_chunks(1, plan.config)) / sum(chunk_seconds[1:])
-                if len(chunk_seconds) > 1 else None)
+  dit_seconds = sum(facts.dit_chunk_seconds)
   return {
-      "chunk_seconds": chunk_seconds,
-      "note": "DiT seconds per chunk (Rollout.timings); chunk 0 includes compilation, a prompt switch its KV recache",
-      "dit_seconds": dit_seconds,
-      "dit_fps": plan.frames / dit_seconds,
-      "dit_fps_after_first_chunk": steady_fps,
-      "decode_and_write_seconds": facts.decode_seconds,
-      "end_to_end_seconds": facts.total_seconds,
       "end_to_end_fps": plan.frames / facts.total_seconds,
+      "end_to_end_seconds": facts.total_seconds,
+      "fps_after_first_chunk": _fps_after_first_chunk(plan, facts.chunk_seconds),
+      "chunk_seconds": facts.chunk_seconds,
+      "decode_and_write_seconds": sum(facts.chunk_seconds) - dit_seconds,
+      "dit_fps": plan.frames / dit_seconds,
+      "dit_fps_after_first_chunk": _fps_after_first_chunk(plan, facts.dit_chunk_seconds),
+      "dit_seconds": dit_seconds,
+      "dit_chunk_seconds": facts.dit_chunk_seconds,
       "compilations": facts.compilations,
+      "note": "end_to_end: loading to the last frame written; chunk_seconds: each chunk's DiT, decoding and "
+              "writing; dit_*: the DiT alone (Rollout.timings). Chunk 0 includes compilation, a prompt switch "
+              "its KV recache",
   }
 
 
@@ -136,9 +169,9 @@ def build_report(plan: Plan, facts: RunFacts) -> dict[str, Any]:
   itemsize = jnp.dtype(facts.dtype).itemsize
   return {
       "smoke": plan.smoke,
-      "notes": list(plan.notes),
-      "output": str(plan.output),
-      "latents": None if plan.latents is None else str(plan.latents),
+      "notes": [*plan.notes, *facts.notes],
+      "output": shown_path(plan.output),
+      "latents": shown_path(plan.latents),
       "inputs": _inputs(plan),
       "config": {"model": architecture(config), "memory": dataclasses.asdict(config.memory), "sampler": facts.sampler,
                  "dtype": facts.dtype, "batch_size": plan.batch_size, "mesh": plan.mesh},
@@ -151,8 +184,7 @@ def build_report(plan: Plan, facts: RunFacts) -> dict[str, Any]:
                  "store_bytes": store_bytes(config, plan.batch_size, itemsize),
                  "peak_device_bytes": facts.peak_device_bytes},
       "backends": backends_section(plan, facts.backends_used),
-      "retrieval": (None if facts.histograms is None else
-                    retrieval_summary(facts.histograms, config.memory.window_chunks)),
+      "retrieval": None if facts.histograms is None else retrieval_summary(facts.histograms),
       "versions": environment.versions(),
       "device": environment.device(),
   }

@@ -1,13 +1,18 @@
 """Running a validated `Plan`: load the weights, encode the prompts, roll the DiT out chunk by chunk,
 decode every chunk as it arrives (Wan VAE, or a latent visualisation), append it to the mp4, and write
 the latents and the JSON run report. Every file goes through `omnimem_jax.io` / `omnimem_jax.video`
-(a temporary name renamed into place)."""
+(a temporary name renamed into place). What the library warns during the run (untrained gates, a
+truncated prompt) is printed as a note on stdout and kept in the report, like the plan's notes."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import sys
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import jax
@@ -118,24 +123,62 @@ def build_rollout(plan: Plan, dtype: jnp.dtype) -> tuple[Rollout, list[tuple[int
   return rollout, prompts
 
 
+# ---- warnings as notes -----------------------------------------------------------------------------
+
+
+class _NoteHandler(logging.Handler):
+  """Hands each log record's message to `note`."""
+
+  def __init__(self, note: Callable[[str], None]):
+    super().__init__(logging.WARNING)
+    self.note = note
+
+  def emit(self, record: logging.LogRecord) -> None:
+    self.note(record.getMessage())
+
+
+@contextlib.contextmanager
+def warnings_as_notes(out: TextIO) -> Iterator[list[str]]:
+  """Yields a list that collects, while the block runs, the library's warnings (WARNING records of the
+  `omnimem_jax` loggers, e.g. untrained gates, and Python warnings that would be shown, e.g. a prompt
+  truncated to text_len); each is printed to `out` at once, as a note, instead of reaching stderr."""
+  notes: list[str] = []
+
+  def note(message: str) -> None:
+    notes.append(message)
+    print(message, file=out, flush=True)
+
+  logger, handler = logging.getLogger("omnimem_jax"), _NoteHandler(note)
+  propagate = logger.propagate
+  logger.addHandler(handler)
+  logger.propagate = False
+  try:
+    with warnings.catch_warnings():
+      warnings.showwarning = lambda message, *_args, **_kwargs: note(str(message))
+      yield notes
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = propagate
+
+
 # ---- the loop --------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Streamed:
-  """What the chunk loop produced: the latents, retrieval histograms, decode time, backends that ran."""
+  """What the chunk loop produced: the latents, retrieval histograms, times, backends that ran."""
 
   latents: Float[np.ndarray, "b c f h w"]
   histograms: np.ndarray | None  # [chunks, layers, bins], omnimem mode with statistics only
-  decode_seconds: float  # decoding and writing, summed over chunks
+  chunk_seconds: list[float]  # per chunk, end to end: DiT, decoding and writing
   backends_used: dict[str, list[str]]  # op -> backends the rollout's compiled functions run
 
 
 def stream_chunks(plan: Plan, rollout: Rollout, prompts: list[tuple[int, CrossKV]], decode: ChunkDecoder,
                   writer: Mp4Writer, progress: TextIO) -> Streamed:
   """Rolls out every chunk, decoding and appending each to the mp4 as it arrives; one progress line
-  per chunk."""
-  latents, histograms, wall, decode_seconds = [], [], [], 0.0
+  per chunk (its end-to-end FPS, with the DiT's share)."""
+  latents, histograms, wall = [], [], []
   for segment in rollout.stream(prompts, plan.num_chunks, plan.options.seed, recache_chunks=plan.recache_chunks):
     chunk_start = time.perf_counter() - segment.seconds
     chunk_latents = np.asarray(segment.latents, np.float32)  # [B, C, 3, H, W]
@@ -145,24 +188,25 @@ def stream_chunks(plan: Plan, rollout: Rollout, prompts: list[tuple[int, CrossKV
     if segment.retrieval is not None:
       histograms.append(np.asarray(segment.retrieval))
     wall.append(time.perf_counter() - chunk_start)
-    decode_seconds += wall[-1] - segment.seconds
-    print(report.format_progress(segment.first_chunk, plan.num_chunks, segment.seconds, video.shape[1],
+    print(report.format_progress(segment.first_chunk, plan.num_chunks, video.shape[1], wall[-1], segment.seconds,
                                  report.eta_seconds(wall, plan.num_chunks)), file=progress, flush=True)
   return Streamed(latents=np.concatenate(latents, axis=2),
-                  histograms=np.concatenate(histograms) if histograms else None, decode_seconds=decode_seconds,
+                  histograms=np.concatenate(histograms) if histograms else None, chunk_seconds=wall,
                   backends_used=rollout.backends_used)
 
 
 def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None) -> dict[str, Any]:
   """Generates the video the plan describes; writes the mp4, the report (and latents); returns the report.
 
-  Messages go to `out` (default stdout), one progress line per chunk to `progress` (default stderr).
-  The mp4 writer (an ffmpeg subprocess) starts before JAX starts its backends; a failure anywhere
-  removes the partial video and leaves any existing file untouched.
+  Messages and notes (the plan's, then the library's warnings: `warnings_as_notes`) go to `out`
+  (default stdout), one progress line per chunk to `progress` (default stderr). A failure anywhere,
+  NaN or infinite latents included (`rollout.NonFiniteLatentsError`, naming the chunk), removes the
+  partial video and leaves any existing file untouched.
   """
   out, progress = out or sys.stdout, progress or sys.stderr
   start = time.perf_counter()
-  with Mp4Writer(plan.output, height=plan.height, width=plan.width, fps=plan.config.fps) as writer:
+  with (Mp4Writer(plan.output, height=plan.height, width=plan.width, fps=plan.config.fps) as writer,
+        warnings_as_notes(out) as run_notes):
     dtype = compute_dtype(plan.options)
     for line in report.opening_lines(plan, dtype.name):
       print(line, file=out, flush=True)
@@ -174,10 +218,10 @@ def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None
   facts = report.RunFacts(
       dtype=dtype.name, sampler=dataclasses.asdict(rollout.sampler), latent_frames=streamed.latents.shape[2],
       pixels="latent_visualisation" if plan.vae is None else "vae",
-      chunk_seconds=[seconds for _, _, seconds in rollout.timings], compilations=rollout.traces,
-      decode_seconds=streamed.decode_seconds, total_seconds=time.perf_counter() - start,
+      chunk_seconds=streamed.chunk_seconds, dit_chunk_seconds=[seconds for _, _, seconds in rollout.timings],
+      compilations=rollout.traces, total_seconds=time.perf_counter() - start,
       chunks_in_memory=int(np.sum(np.asarray(rollout.store.slot_chunk) >= 0)), peak_device_bytes=peak_bytes,
-      histograms=streamed.histograms, backends_used=streamed.backends_used)
+      histograms=streamed.histograms, backends_used=streamed.backends_used, notes=run_notes)
   record = report.build_report(plan, facts)
   io.write_json(plan.report, record)
   print(report.closing_line(plan, record), file=out)
