@@ -27,13 +27,15 @@ test: setup
 demo: setup  # the committed demo model (synthetic orbiting-camera world): the camera comes back after 6 chunks; writes outputs/demo.mp4 and outputs/demo.json
 	$(PY) experiments/generate.py
 
-# Retrains the demo's codec and its three DiTs on the pixel world (a GPU: about 8 minutes on one H100).
+# Trains the demo's codec and its three DiTs (omnimem, window, dense) on the pixel world into assets/demo/ (one
+# GPU; the budgets below take about 35 minutes on an H100). omnimem's teacher forcing at 16 chunks needs ~35 GB.
 demo-models: setup
-	$(PY) experiments/train_codec.py --time_budget_s=100 --steps=20000 --export=assets/demo/vae
+	$(PY) experiments/train_codec.py --time_budget_s=600 --steps=100000 --export=assets/demo/vae
 	for mode in omnimem window dense; do \
-	  XLA_PYTHON_CLIENT_MEM_FRACTION=.3 $(PY) experiments/train.py --mode=$$mode --codec=assets/demo/vae --num_chunks=16 \
-	    --run_dir=runs/demo_$$mode --steps=100000 --save_every=1000000 --time_budget_s=270 --learning_rate=5e-4 \
-	    --sigma_shift=3 --export=assets/demo/$$mode & \
+	  fraction=$$([ $$mode = omnimem ] && echo .55 || echo .2); \
+	  XLA_PYTHON_CLIENT_MEM_FRACTION=$$fraction $(PY) experiments/train.py --mode=$$mode --codec=assets/demo/vae \
+	    --num_chunks=16 --run_dir=runs/demo_$$mode --steps=100000 --save_every=1000000 --time_budget_s=1500 \
+	    --learning_rate=5e-4 --sigma_shift=3 --export=assets/demo/$$mode & \
 	done; wait
 
 clean:

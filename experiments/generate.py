@@ -1,7 +1,7 @@
 r"""Generates a long video: prompt(s) in, mp4 and a JSON run report out (logic: omnimem_jax/generation/).
 
-  python experiments/generate.py            # the demo: the committed models (assets/demo/) side by side,
-                                            # under a minute on a CPU: outputs/demo.mp4 and outputs/demo.json
+  python experiments/generate.py            # the committed demo model (assets/demo_checkpoint), ~10 s on a
+                                            # CPU: outputs/demo.mp4 and outputs/demo.json
   python experiments/generate.py --checkpoint=runs/omnimem/export,runs/window/export --vae=assets/demo/vae
                                             # any models of one architecture side by side, labelled
   python experiments/generate.py --preset=tiny   # smoke run: random weights, tests the pipeline;
@@ -39,7 +39,7 @@ from omnimem_jax.rollout import NonFiniteLatentsError
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax DiT checkpoint (experiments/convert_checkpoint.py), or "
                                   "2-4 comma-separated ones of one architecture to compare side by side; none: the "
-                                  "demo (assets/demo/), or with --preset random weights (a smoke run).")
+                                  "demo (assets/demo_checkpoint), or with --preset random weights (a smoke run).")
 _PRESET = flags.DEFINE_string("preset", None, f"Architecture for random weights, one of {sorted(PRESETS)} "
                               f"(default {options.DEFAULT_PRESET}); with --checkpoint it must match it.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (needs --text_encoder and --tokenizer, or --model_dir).")
@@ -85,8 +85,7 @@ _BACKENDS = flags.DEFINE_string("backends", None, f"Kernel backend per op ({', '
                                 "op's per-platform choice. The report records what was asked and what ran.")
 
 
-DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"  # the demo's codec (vae/) and DiTs, one per mode
-DEMO_MODES = ("omnimem", "window", "dense")
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_checkpoint"
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -102,10 +101,9 @@ def main(argv: Sequence[str]) -> None:
   sharding.initialize_distributed()  # multi-host jobs: when the environment describes one
   fields = [field.name for field in dataclasses.fields(options.GenerateOptions)]
   asked = options.GenerateOptions(**{name: flags.FLAGS[name].value for name in fields})
-  if asked.checkpoint is None and asked.model_dir is None and asked.preset is None and DEMO.is_dir():
-    # No model named: the demo, the models trained on the synthetic world side by side (README, "The demo").
-    asked = dataclasses.replace(asked, checkpoint=",".join(str(DEMO / mode) for mode in DEMO_MODES),
-                                vae=asked.vae or str(DEMO / "vae"), output=asked.output or options.DEMO_OUTPUT)
+  if asked.checkpoint is None and asked.model_dir is None and asked.preset is None and DEMO_CHECKPOINT.is_dir():
+    # No model named: the demo model trained on the synthetic orbiting-camera world (README, "Training").
+    asked = dataclasses.replace(asked, checkpoint=str(DEMO_CHECKPOINT), output=asked.output or options.DEMO_OUTPUT)
   try:
     plans = plan.plan_runs(asked)
   except options.GenerateError as err:
