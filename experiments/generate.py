@@ -2,6 +2,8 @@ r"""Generates a long video: prompt(s) in, mp4 and a JSON run report out (logic: 
 
   python experiments/generate.py            # the committed demo model (assets/demo_checkpoint), ~10 s on a
                                             # CPU: outputs/demo.mp4 and outputs/demo.json
+  python experiments/generate.py --checkpoint=runs/omnimem/export,runs/window/export --vae=assets/demo/vae
+                                            # any models of one architecture side by side, labelled
   python experiments/generate.py --preset=tiny   # smoke run: random weights, tests the pipeline;
                                                  # outputs/smoke.mp4 (other models: outputs/video.mp4)
   python experiments/generate.py --model_dir=models/omnimem --prompt="a corgi surfing" --seconds=60 \
@@ -35,8 +37,9 @@ from omnimem_jax.config import ATTENTION_MODES, PRESETS
 from omnimem_jax.generation import options, plan, run
 from omnimem_jax.rollout import NonFiniteLatentsError
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax DiT checkpoint (experiments/convert_checkpoint.py); "
-                                  "none: assets/demo_checkpoint, or with --preset random weights (a smoke run).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax DiT checkpoint (experiments/convert_checkpoint.py), or "
+                                  "2-4 comma-separated ones of one architecture to compare side by side; none: the "
+                                  "demo (assets/demo_checkpoint), or with --preset random weights (a smoke run).")
 _PRESET = flags.DEFINE_string("preset", None, f"Architecture for random weights, one of {sorted(PRESETS)} "
                               f"(default {options.DEFAULT_PRESET}); with --checkpoint it must match it.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (needs --text_encoder and --tokenizer, or --model_dir).")
@@ -102,14 +105,14 @@ def main(argv: Sequence[str]) -> None:
     # No model named: the demo model trained on the synthetic orbiting-camera world (README, "Training").
     asked = dataclasses.replace(asked, checkpoint=str(DEMO_CHECKPOINT), output=asked.output or options.DEMO_OUTPUT)
   try:
-    validated = plan.plan(asked)
+    plans = plan.plan_runs(asked)
   except options.GenerateError as err:
     cli.fail(err)
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
   try:
-    run.run(validated)
+    run.run(plans)
   except NonFiniteLatentsError as err:
-    cli.fail(f"{err}; {validated.output} was not written (an existing file is untouched)")
+    cli.fail(f"{err}; {plans[0].output} was not written (an existing file is untouched)")
 
 
 if __name__ == "__main__":

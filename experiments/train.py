@@ -46,6 +46,9 @@ _DIM = flags.DEFINE_integer("dim", 128, "Model width (heads of 32).")
 _LAYERS = flags.DEFINE_integer("num_layers", 4, "Transformer blocks.")
 _WORLD_WIDTH = flags.DEFINE_integer("world_width", 96, "Panorama circumference (columns); period = width / speed.")
 _SPEED = flags.DEFINE_integer("speed", 4, "Columns the camera pans per frame.")
+_CODEC = flags.DEFINE_string("codec", None, "Train on the pixel world encoded by this codec (experiments/"
+                             "train_codec.py), whose record gives the world; default: the latent-space world.")
+_NUM_WORLDS = flags.DEFINE_integer("num_worlds", 1024, "With --codec: distinct worlds, encoded once.")
 _SEED = flags.DEFINE_integer("seed", 0, "Data, noise and initialisation seed.")
 _SAVE_EVERY = flags.DEFINE_integer("save_every", 500, "Checkpoint every this many steps (and at the end).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Print and log the loss every this many steps.")
@@ -56,7 +59,8 @@ def _validate() -> dict[str, Any] | None:
   """Refuses bad flags and unusable paths before any work; returns the run's loss log, if it has one."""
   if _RUN_DIR.value is None:
     cli.fail("--run_dir is required (checkpoints and the loss log go there)")
-  for flag in (_STEPS, _BATCH, _CHUNKS, _WARMUP, _DIM, _LAYERS, _SAVE_EVERY, _LOG_EVERY, _WORLD_WIDTH, _SPEED):
+  for flag in (_STEPS, _BATCH, _CHUNKS, _WARMUP, _DIM, _LAYERS, _SAVE_EVERY, _LOG_EVERY, _WORLD_WIDTH, _SPEED,
+               _NUM_WORLDS):
     if flag.value < 1:
       cli.fail(f"--{flag.name} must be >= 1, got {flag.value}")
   if _TIME_BUDGET.value is not None and not _TIME_BUDGET.value > 0:
@@ -90,19 +94,36 @@ def _read_log(path: Path) -> dict[str, Any] | None:
   return log
 
 
+def _world() -> Any:
+  """The world to train on (a `synthetic.WorldConfig`): the codec's (from its record; --world_width / --speed
+  then refused), else the flags'."""
+  from omnimem_jax import checkpoints  # noqa: PLC0415
+  from omnimem_jax.data import synthetic  # noqa: PLC0415
+
+  if _CODEC.value is None:
+    return synthetic.WorldConfig(world_width=_WORLD_WIDTH.value, speed=_SPEED.value)
+  if _WORLD_WIDTH.present or _SPEED.present:
+    cli.fail("--world_width / --speed come from the codec's record with --codec; drop them")
+  training = checkpoints.read_record(_CODEC.value, checkpoints.Kind.VAE).training or {}
+  if "world" not in training:
+    cli.fail(f"--codec={_CODEC.value} records no training world (not made by experiments/train_codec.py)")
+  return synthetic.WorldConfig.from_dict(training["world"])
+
+
 def _train_config() -> TrainConfig:
   """The TrainConfig of the flags (a bad combination: one line, exit 2)."""
   from omnimem_jax import training  # noqa: PLC0415 (heavy imports after the flags are known to be good)
-  from omnimem_jax.data import synthetic  # noqa: PLC0415
 
   try:
-    world = synthetic.WorldConfig(world_width=_WORLD_WIDTH.value, speed=_SPEED.value)
+    world = _world()
     model = training.demo_model_config(_MODE.value, _CHUNKS.value, dim=_DIM.value, ffn_dim=2 * _DIM.value,
-                                       num_heads=_DIM.value // 32, num_layers=_LAYERS.value)
+                                       num_heads=_DIM.value // 32, num_layers=_LAYERS.value,
+                                       in_channels=world.channels, out_channels=world.channels)
     return training.TrainConfig(model=model, world=world, num_chunks=_CHUNKS.value, batch_size=_BATCH.value,
                                 learning_rate=_LR.value, warmup_steps=_WARMUP.value, ema_decay=_EMA.value,
-                                sigma_shift=_SHIFT.value, select_own_noisy_chunk=_OWN.value, seed=_SEED.value)
-  except ValueError as err:
+                                sigma_shift=_SHIFT.value, select_own_noisy_chunk=_OWN.value, seed=_SEED.value,
+                                codec=_CODEC.value, num_worlds=_NUM_WORLDS.value)
+  except (OSError, ValueError) as err:
     cli.fail(err)
 
 

@@ -94,3 +94,44 @@ def chance_recall(candidates: np.ndarray, num_chunks: int, exclude_window_chunks
   index = np.arange(2 * num_chunks) % num_chunks
   rows = [r for r in range(2 * num_chunks) if index[r] >= exclude_window_chunks]
   return float(np.mean([min(1.0, top_k / (candidates[r].sum() * blocks_per_chunk)) for r in rows]))
+
+
+def revisit_picks(histograms: np.ndarray, visits: np.ndarray, min_distance: int) -> dict[str, Any] | None:
+  """How often retrieval picks the earlier visit of the place in view, against chance.
+
+  Args:
+    histograms: [chunks, layers, bins] selected blocks by distance in chunks (bin d: d chunks back), as the
+      rollout records them (`Rollout` retrieval statistics); bins must reach the longest distance.
+    visits: [chunks, chunks] bool, (c, c') true when chunk c' is an earlier visit of chunk c's place
+      (`data.synthetic.earlier_visits`).
+    min_distance: picks nearer than this many chunks (the sliding window) are left out.
+
+  Returns None when no chunk of the run has an earlier visit beyond `min_distance`; else the share of
+  picks (at `min_distance` or more, in chunks that have an earlier visit there) from an earlier visit,
+  the chance share (picks uniform over the candidate chunks at `min_distance` or more), both per layer
+  too, and the number of chunks and picks measured.
+  """
+  histograms = np.asarray(histograms, np.int64)
+  chunks, layers, bins = histograms.shape
+  if visits.shape != (chunks, chunks):
+    raise ValueError(f"visits must be [{chunks}, {chunks}] for {chunks} chunks, got {list(visits.shape)}")
+  hits, picked, chance = np.zeros(layers), np.zeros(layers), np.zeros(layers)
+  measured = 0
+  for chunk in range(chunks):
+    distances = np.arange(min_distance, chunk + 1)
+    earlier = visits[chunk, chunk - distances]
+    if not earlier.any():
+      continue
+    if chunk >= bins:
+      raise ValueError(f"histograms have {bins} bins; chunk {chunk} needs one per distance up to {chunk}")
+    counts = histograms[chunk][:, distances]  # [layers, candidate distances]
+    measured += 1
+    hits += counts[:, earlier].sum(axis=1)
+    picked += counts.sum(axis=1)
+    chance += counts.sum(axis=1) * earlier.mean()
+  if not measured or not picked.sum():
+    return None
+  return {"fraction_from_earlier_visit": float(hits.sum() / picked.sum()), "chance": float(chance.sum() / picked.sum()),
+          "per_layer": [{"layer": i, "fraction_from_earlier_visit": float(h / p) if p else None,
+                         "chance": float(c / p) if p else None} for i, (h, p, c) in enumerate(zip(hits, picked, chance))],
+          "chunks_measured": measured, "picks": int(picked.sum()), "min_distance": min_distance}

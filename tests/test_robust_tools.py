@@ -526,3 +526,36 @@ def test_eval_memory_refuses_weights_damaged_past_the_metadata(exported, tmp_pat
   line = refused(capsys, "eval_memory", f"--checkpoints=dense:{damaged}", "--plot=none",
                  f"--output={tmp_path / 'bench.json'}", unchanged=tmp_path)
   assert line.startswith(f"error: --checkpoints dense: cannot restore {damaged / 'params'} (truncated, corrupted")
+
+
+def test_robust_train_codec_flags_are_checked_before_training(tmp_path, capsys):
+  """--codec: a missing codec, one without a recorded training world, or world flags beside it."""
+  flags_ = [flag for flag in TRAIN_FLAGS if not flag.startswith(("--world_width", "--speed"))]
+  run_dir = f"--run_dir={tmp_path / 'run'}"
+  line = refused(capsys, "train", *flags_, run_dir, f"--codec={tmp_path / 'none'}", unchanged=tmp_path)
+  assert f"{tmp_path / 'none'} is not an OmniMem-JAX checkpoint" in line
+  converted = wan_vae.convert_checkpoint(FIXTURES / "vae_tiny_diffusers.safetensors", tmp_path / "vae",
+                                         VAEConfig.from_preset("tiny"))
+  line = refused(capsys, "train", *flags_, run_dir, f"--codec={converted}", unchanged=tmp_path)
+  assert "records no training world (not made by experiments/train_codec.py)" in line
+  line = refused(capsys, "train", *flags_, run_dir, f"--codec={converted}", "--world_width=64", unchanged=tmp_path)
+  assert "--world_width / --speed come from the codec's record with --codec; drop them" in line
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--latent_frames=1",), "--latent_frames must be >= 2, got 1"),
+    (("--kl_weight=-1",), "--kl_weight >= 0"),
+    (("--steps=0",), "--steps must be >= 1, got 0"),
+    (("--time_budget_s=-3",), "--time_budget_s must be > 0"),
+])
+def test_robust_train_codec_refuses_bad_flags(tmp_path, capsys, args, message):
+  assert message in refused(capsys, "train_codec", f"--export={tmp_path / 'codec'}", *args, unchanged=tmp_path)
+  assert not (tmp_path / "codec").exists()
+
+
+def test_robust_train_codec_never_replaces_an_export(tmp_path, capsys):
+  (tmp_path / "codec").mkdir()
+  (tmp_path / "codec" / "keep").write_text("mine")
+  line = refused(capsys, "train_codec", f"--export={tmp_path / 'codec'}", unchanged=tmp_path)
+  assert line == f"error: --export={tmp_path / 'codec'} already exists; remove it or pick another path"

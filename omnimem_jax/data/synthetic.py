@@ -128,6 +128,20 @@ def revisit_schedule(config: WorldConfig, num_frames: int) -> np.ndarray:
   return source
 
 
+def earlier_visits(config: WorldConfig, num_chunks: int) -> np.ndarray:
+  """Which earlier chunks showed the same views: bool [num_chunks, num_chunks], entry (c, c') true when c' < c
+  and some frame of chunk c' shows exactly the view of some frame of chunk c (a whole number of orbits
+  earlier). With a period of P whole chunks, chunk c's earlier visits are c - P, c - 2P, ..."""
+  fpc = config.frames_per_chunk
+  frame_chunk = np.arange(num_chunks * fpc) // fpc
+  columns = camera_columns(config, num_chunks * fpc)
+  same_view = (columns[:, None] == columns[None, :]) & (frame_chunk[:, None] > frame_chunk[None, :])  # [f, f']
+  visits = np.zeros((num_chunks, num_chunks), bool)
+  np.logical_or.at(visits, (frame_chunk[:, None].repeat(len(columns), 1), frame_chunk[None, :].repeat(len(columns), 0)),
+                   same_view)
+  return visits
+
+
 def revisit_distances(config: WorldConfig, num_frames: int) -> np.ndarray:
   """Frames between each frame and its first appearance (-1 for first appearances)."""
   source = revisit_schedule(config, num_frames)

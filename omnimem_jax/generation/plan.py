@@ -18,11 +18,13 @@ from omnimem_kernels.backends import Backends
 from omnimem_jax import checkpoints
 from omnimem_jax.config import ATTENTION_MODES, PRESETS, ModelConfig
 from omnimem_jax.convert import wan_dit
+from omnimem_jax.data.synthetic import WorldConfig
 from omnimem_jax.generation.options import (DEFAULT_PRESET, DEFAULT_SECONDS, MAX_SEED, MODEL_DIR_LAYOUT, MODEL_OUTPUT,
                                             SMOKE_OUTPUT, GenerateError, GenerateOptions, PromptSwitch)
 from omnimem_jax.model.vae import VAEConfig
 
 LATENT_PIXEL_SCALE = 8  # the latent visualisation's upsampling (as the Wan VAE's spatial compression)
+MAX_COMPARED = 4  # models side by side in one comparison
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Plan:
   latents: Path | None
   pixel_scale: int  # video pixels per latent pixel (the VAE's spatial compression; 8 for the visualisation)
   notes: tuple[str, ...]
+  world: WorldConfig | None = None  # the synthetic world the checkpoint was trained on (its revisits are known)
+  trained_chunks: int | None = None  # chunks per training clip of a trained checkpoint
 
   @property
   def smoke(self) -> bool:
@@ -360,10 +364,11 @@ def _check_top_k(top_k: int, config: ModelConfig, num_chunks: int) -> None:
           f"{memory.exclude_window_chunks}); the maximum is --top_k={most}")
 
 
-def _dit(options: GenerateOptions, path: str | None) -> tuple[Path | None, ModelConfig, int, int]:
-  """(checkpoint, the config to run, requested frames, chunks): the DiT's record read, the length and
-  the memory flags applied, the gates rule checked (untrained gates: restoring warns, and the run
-  turns that warning into a note)."""
+def _dit(options: GenerateOptions, path: str | None
+         ) -> tuple[Path | None, checkpoints.CheckpointRecord | None, ModelConfig, int, int]:
+  """(checkpoint, its record, the config to run, requested frames, chunks): the DiT's record read, the
+  length and the memory flags applied, the gates rule checked (untrained gates: restoring warns, and the
+  run turns that warning into a note)."""
   checkpoint = record = None
   if path is not None:
     checkpoint, record = _record(path, "--checkpoint", checkpoints.Kind.DIT)
@@ -383,7 +388,18 @@ def _dit(options: GenerateOptions, path: str | None) -> tuple[Path | None, Model
                                          "or --init_missing_gates to start omnimem mode from untrained gates")
     except ValueError as err:
       raise GenerateError(str(err)) from err
-  return checkpoint, config, requested_frames, num_chunks
+  return checkpoint, record, config, requested_frames, num_chunks
+
+
+def _training(record: checkpoints.CheckpointRecord | None) -> tuple[WorldConfig | None, int | None]:
+  """(the synthetic world, chunks per training clip) a trained checkpoint records, each None if unknown."""
+  training = (record.training if record is not None else None) or {}
+  try:
+    world = WorldConfig.from_dict(training["world"]) if "world" in training else None
+  except (TypeError, ValueError) as err:
+    raise GenerateError(f"--checkpoint: the training record's world is unreadable: {err}") from err
+  chunks = training.get("num_chunks")
+  return world, chunks if isinstance(chunks, int) and chunks > 0 else None
 
 
 def _vae(path: str | None, config: ModelConfig) -> tuple[Path | None, int]:
@@ -463,6 +479,11 @@ def _notes(plan: Plan) -> tuple[str, ...]:
   if config.memory.capacity_chunks < plan.num_chunks:
     notes.append(f"capacity {config.memory.capacity_chunks} chunks < {plan.num_chunks} chunks: the KV store reuses "
                  f"slots, dropping {plan.num_chunks - config.memory.capacity_chunks} chunks from memory")
+  if plan.trained_chunks is not None and plan.num_chunks > plan.trained_chunks:
+    trained = video_frames_of_chunks(plan.trained_chunks, config) / config.fps
+    notes.append(f"the video is {plan.num_chunks} chunks ({plan.frames / config.fps:.1f} s) long, the model was "
+                 f"trained on clips of {plan.trained_chunks} chunks ({trained:.1f} s): past that it extrapolates "
+                 "and may drift")
   if plan.vae is None:
     notes.append("no VAE: the video shows latent channels 0-2 over [-3, 3], upsampled 8x in space and 4x in time")
   if plan.smoke:
@@ -476,7 +497,8 @@ def plan(options: GenerateOptions) -> Plan:
   paths = _model_paths(options)
   _check_flags(options, paths)
   backends = _backends(options.backends)
-  checkpoint, config, requested_frames, num_chunks = _dit(options, paths["checkpoint"])
+  checkpoint, record, config, requested_frames, num_chunks = _dit(options, paths["checkpoint"])
+  world, trained_chunks = _training(record)
   vae, pixel_scale = _vae(paths["vae"], config)
   wants_text = options.prompt is not None or options.prompt_file is not None
   text_encoder, tokenizer = _text(paths, config) if wants_text else (None, None)
@@ -487,5 +509,29 @@ def plan(options: GenerateOptions) -> Plan:
                    tokenizer=tokenizer, conditioning=conditioning, prompts=tuple(prompts), batch_size=batch_size,
                    mesh=mesh, backends=backends, num_chunks=num_chunks, requested_frames=requested_frames,
                    output=output, report=report, latents=latents, pixel_scale=pixel_scale,
-                   notes=tuple(notes))
+                   notes=tuple(notes), world=world, trained_chunks=trained_chunks)
   return dataclasses.replace(validated, notes=_notes(validated))
+
+
+def plan_runs(options: GenerateOptions) -> tuple[Plan, ...]:
+  """The plans of one run: one, or one per checkpoint of a comma-separated --checkpoint, which generates
+  the same video (seed, conditioning, length) with each model, side by side. The models of a comparison
+  share their architecture and differ in attention mode; raises GenerateError."""
+  if options.checkpoint is None or "," not in options.checkpoint:
+    return (plan(options),)
+  paths = [path.strip() for path in options.checkpoint.split(",")]
+  if not 2 <= len(paths) <= MAX_COMPARED or not all(paths):
+    _fail(f"--checkpoint={options.checkpoint}: a comparison takes 2 to {MAX_COMPARED} checkpoints, comma-separated")
+  for flag in ("attention", "save_latents", "mesh"):
+    if getattr(options, flag) is not None:
+      _fail(f"--{flag} does not apply to a comparison of several checkpoints (--checkpoint={options.checkpoint})")
+  plans = tuple(plan(dataclasses.replace(options, checkpoint=path)) for path in paths)
+  first = plans[0]
+  for other in plans[1:]:
+    if architecture(other.config) != architecture(first.config) or other.batch_size != first.batch_size:
+      _fail(f"--checkpoint: {other.checkpoint} and {first.checkpoint} differ in architecture; a comparison needs "
+            "models of one architecture")
+  modes = [p.config.memory.mode for p in plans]
+  if len(set(modes)) < len(modes):
+    _fail(f"--checkpoint: the compared models must differ in attention mode, got {modes}")
+  return plans

@@ -12,8 +12,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from omnimem_jax import environment
+from omnimem_jax import environment, evaluation
 from omnimem_jax.config import store_bytes
+from omnimem_jax.data import synthetic
 from omnimem_jax.generation.options import DEFAULT_PRESET
 from omnimem_jax.generation.plan import Plan, architecture, video_frames_of_chunks
 
@@ -62,6 +63,18 @@ def retrieval_summary(histograms: np.ndarray) -> dict[str, Any]:
           "per_layer": [{"layer": index, **_distances(counts)} for index, counts in enumerate(per_layer)]}
 
 
+def retrieval_section(plan: Plan, histograms: np.ndarray) -> dict[str, Any]:
+  """`retrieval_summary`, and where the plan knows its world's revisits (a checkpoint trained on the
+  synthetic world), `earlier_visit`: the share of picks beyond the sliding window that come from an
+  earlier visit of the place in view, against chance (`evaluation.revisit_picks`; None if the video
+  never comes back to a place beyond the window)."""
+  summary = retrieval_summary(histograms)
+  if plan.world is not None:
+    visits = synthetic.earlier_visits(plan.world, plan.num_chunks)
+    summary["earlier_visit"] = evaluation.revisit_picks(histograms, visits, plan.config.memory.window_chunks)
+  return summary
+
+
 # ---- lines -----------------------------------------------------------------------------------------
 
 
@@ -91,15 +104,24 @@ def format_progress(chunk: int, num_chunks: int, frames: int, seconds: float, di
           f"(DiT {dit_seconds * 1e3:.1f} ms)  ETA {remaining}")
 
 
-def closing_line(plan: Plan, record: dict[str, Any]) -> str:
-  """What was written, and how fast: end to end first, then the DiT alone."""
-  timing = record["timing"]
+def closing_lines(plans: tuple[Plan, ...], records: list[dict[str, Any]]) -> list[str]:
+  """What was written, and how fast (end to end first, then the DiT alone); for each omnimem run that
+  knows its world's revisits, how often retrieval picked the earlier visit."""
+  first, timing = plans[0], records[0]["timing"]
   steady = timing["fps_after_first_chunk"]
-  return (f"{'SMOKE RUN (random weights): ' if plan.smoke else ''}wrote {plan.output} ({plan.frames} frames, "
-          f"{plan.width}x{plan.height}) and {plan.report}: {timing['end_to_end_fps']:.1f} FPS end to end "
-          f"({timing['end_to_end_seconds']:.1f} s with loading and compilation"
-          + (f"; {steady:.1f} FPS after chunk 0" if steady else "") + f"); the DiT alone {timing['dit_fps']:.1f} "
-          f"FPS; {record['memory']['chunks_dropped']} chunks dropped from memory")
+  compared = f" by {len(plans)} models side by side" if len(plans) > 1 else ""
+  lines = [f"{'SMOKE RUN (random weights): ' if first.smoke else ''}wrote {first.output} ({first.frames} frames"
+           f"{compared}) and {first.report}: {timing['end_to_end_fps']:.1f} FPS end to end "
+           f"({timing['end_to_end_seconds']:.1f} s with loading and compilation"
+           + (f"; {steady:.1f} FPS after chunk 0" if steady else "") + ")"]
+  for plan, record in zip(plans, records, strict=True):
+    revisit = (record["retrieval"] or {}).get("earlier_visit")
+    lines.append(f"{plan.config.memory.mode}: the DiT alone {record['timing']['dit_fps']:.1f} FPS; "
+                 f"{record['memory']['chunks_dropped']} chunks dropped from memory" + (
+                     "" if revisit is None else
+                     f"; {100 * revisit['fraction_from_earlier_visit']:.0f}% of the blocks retrieved beyond the window "
+                     f"came from the earlier visit of the place in view (chance {100 * revisit['chance']:.0f}%)"))
+  return lines
 
 
 # ---- the JSON report -------------------------------------------------------------------------------
@@ -163,6 +185,15 @@ def backends_section(plan: Plan, used: dict[str, list[str]]) -> dict[str, Any]:
   return {"requested": plan.backends.to_dict(), "preferences": plan.backends.preferences(), "used": used}
 
 
+def comparison_report(plans: tuple[Plan, ...], records: list[dict[str, Any]], size: tuple[int, int]
+                      ) -> dict[str, Any]:
+  """The JSON report of a side-by-side comparison (an mp4 of `size` = (height, width)): the models in
+  panel order, then each model's own run report (`build_report`; end-to-end times cover all models)."""
+  return {"comparison": [plan.config.memory.mode for plan in plans], "output": records[0]["output"],
+          "video": {**records[0]["video"], "height": size[0], "width": size[1], "panels": len(plans)},
+          "runs": records}
+
+
 def build_report(plan: Plan, facts: RunFacts) -> dict[str, Any]:
   """The JSON run report of a finished run."""
   config = plan.config
@@ -184,7 +215,7 @@ def build_report(plan: Plan, facts: RunFacts) -> dict[str, Any]:
                  "store_bytes": store_bytes(config, plan.batch_size, itemsize),
                  "peak_device_bytes": facts.peak_device_bytes},
       "backends": backends_section(plan, facts.backends_used),
-      "retrieval": None if facts.histograms is None else retrieval_summary(facts.histograms),
+      "retrieval": None if facts.histograms is None else retrieval_section(plan, facts.histograms),
       "versions": environment.versions(),
       "device": environment.device(),
   }

@@ -24,8 +24,9 @@ from jaxtyping import Array, Float, UInt8
 from omnimem_jax import environment, io, sharding
 from omnimem_jax.config import SamplerConfig
 from omnimem_jax.convert import umt5, wan_dit, wan_vae
+from omnimem_jax.data import synthetic
+from omnimem_jax.generation import panels, report
 from omnimem_jax.generation import plan as planning
-from omnimem_jax.generation import report
 from omnimem_jax.generation.options import GenerateOptions
 from omnimem_jax.generation.plan import Plan
 from omnimem_jax.model import text
@@ -61,13 +62,13 @@ class ChunkDecoder:
   """Latent chunks -> uint8 video frames: the Wan VAE with its streaming cache (`jit_decode_chunk`), or
   the latent visualisation when the plan has no VAE."""
 
-  def __init__(self, plan: Plan):
+  def __init__(self, plan: Plan, batch_size: int | None = None):
     self.vae = None if plan.vae is None else wan_vae.restore_vae(plan.vae)
     if self.vae is not None:
       self._decode = jit_decode_chunk(self.vae)
-      config = plan.config
+      config, batch_size = plan.config, batch_size or plan.batch_size
       self._cache = sharding.place_like_params(
-          self.vae, self.vae.init_decode_cache(plan.batch_size, config.latent_height, config.latent_width))
+          self.vae, self.vae.init_decode_cache(batch_size, config.latent_height, config.latent_width))
 
   def __call__(self, latents: Float[np.ndarray, "b c f h w"], *, first: bool) -> UInt8[np.ndarray, "b t h w 3"]:
     """One chunk's frames; `first` marks the video's first chunk (its first latent frame gives 1 frame)."""
@@ -164,70 +165,134 @@ def warnings_as_notes(out: TextIO) -> Iterator[list[str]]:
 # ---- the loop --------------------------------------------------------------------------------------
 
 
+class Layout:
+  """How decoded chunks become mp4 frames: one model's batch side by side, or, for a comparison of
+  several models, their panels under labels with a caption strip (the time, and when the camera is back
+  at a place it saw beyond the sliding window, how long ago)."""
+
+  def __init__(self, plans: tuple[Plan, ...]):
+    self.plans, first = plans, plans[0]
+    self.labels = [panels.MODE_LABELS.get(p.config.memory.mode, p.config.memory.mode) for p in plans]
+    self.upscale = panels.upscale_for(first.width) if len(plans) > 1 else 1
+    self.revisits = revisit_captions(first)
+
+  @property
+  def size(self) -> tuple[int, int]:
+    """(height, width) of the mp4."""
+    first = self.plans[0]
+    if len(self.plans) == 1:
+      return first.height, first.width
+    return panels.frame_size(first.height, first.width, self.labels, self.upscale)
+
+  def frames(self, videos: list[UInt8[np.ndarray, "b t h w 3"]], chunk: int) -> UInt8[np.ndarray, "t hh ww 3"]:
+    """The mp4 frames of one chunk from each plan's decoded batch."""
+    if len(videos) == 1:
+      return tile_batch(videos[0])
+    config = self.plans[0].config
+    offset = planning.video_frames_of_chunks(chunk, config) if chunk else 0
+    captions = [f"{(offset + index) / config.fps:4.1f} s  {self.revisits[chunk]}".strip()
+                for index in range(videos[0].shape[1])]
+    return panels.compose([tile_batch(video) for video in videos], self.labels, captions, upscale=self.upscale)
+
+
+def revisit_captions(plan: Plan) -> list[str]:
+  """Per chunk, "back at a place seen X s ago" when the plan's world shows a place last seen beyond the
+  sliding window, else ""; all "" when the world is unknown."""
+  if plan.world is None:
+    return [""] * plan.num_chunks
+  visits = synthetic.earlier_visits(plan.world, plan.num_chunks)
+  seconds_per_chunk = plan.config.vae_temporal_stride * plan.config.memory.frames_per_chunk / plan.config.fps
+  captions = []
+  for chunk in range(plan.num_chunks):
+    earlier = np.flatnonzero(visits[chunk])
+    back = chunk - int(earlier.max()) if earlier.size else 0
+    far = earlier.size and back >= plan.config.memory.window_chunks
+    captions.append(f"back at a place seen {back * seconds_per_chunk:.1f} s ago" if far else "")
+  return captions
+
+
 @dataclasses.dataclass(frozen=True)
 class Streamed:
-  """What the chunk loop produced: the latents, retrieval histograms, times, backends that ran."""
+  """What the chunk loop produced for one plan: the latents, retrieval histograms, backends that ran."""
 
   latents: Float[np.ndarray, "b c f h w"]
   histograms: np.ndarray | None  # [chunks, layers, bins], omnimem mode with statistics only
-  chunk_seconds: list[float]  # per chunk, end to end: DiT, decoding and writing
   backends_used: dict[str, list[str]]  # op -> backends the rollout's compiled functions run
 
 
-def stream_chunks(plan: Plan, rollout: Rollout, prompts: list[tuple[int, CrossKV]], decode: ChunkDecoder,
-                  writer: Mp4Writer, progress: TextIO) -> Streamed:
-  """Rolls out every chunk, decoding and appending each to the mp4 as it arrives; one progress line
-  per chunk (its end-to-end FPS, with the DiT's share)."""
-  latents, histograms, wall = [], [], []
-  for segment in rollout.stream(prompts, plan.num_chunks, plan.options.seed, recache_chunks=plan.recache_chunks):
-    chunk_start = time.perf_counter() - segment.seconds
-    chunk_latents = np.asarray(segment.latents, np.float32)  # [B, C, 3, H, W]
-    video = decode(chunk_latents, first=segment.first_chunk == 0)
-    writer.write(tile_batch(video))
-    latents.append(chunk_latents)
-    if segment.retrieval is not None:
-      histograms.append(np.asarray(segment.retrieval))
+def stream_chunks(plans: tuple[Plan, ...], rollouts: list[tuple[Rollout, list[tuple[int, CrossKV]]]],
+                  decode: ChunkDecoder, writer: Mp4Writer, progress: TextIO) -> tuple[list[Streamed], list[float]]:
+  """Rolls every plan's model out chunk by chunk in lockstep, decoding each chunk and appending its frames
+  (`Layout`) to the mp4 as it arrives; one progress line per chunk (end-to-end FPS, with the DiT's share).
+  Returns what each plan produced and the wall seconds of each chunk (all models, decoding and writing)."""
+  first, layout = plans[0], Layout(plans)
+  streams = [rollout.stream(prompts, first.num_chunks, first.options.seed, recache_chunks=first.recache_chunks)
+             for rollout, prompts in rollouts]
+  latents, histograms, wall = [[] for _ in plans], [[] for _ in plans], []
+  for segments in zip(*streams, strict=True):
+    chunk, dit_seconds = segments[0].first_chunk, sum(segment.seconds for segment in segments)
+    chunk_start = time.perf_counter() - dit_seconds
+    chunk_latents = [np.asarray(segment.latents, np.float32) for segment in segments]  # each [B, C, 3, H, W]
+    video = decode(np.concatenate(chunk_latents), first=chunk == 0)
+    writer.write(layout.frames(np.split(video, len(plans)), chunk))
+    for index, segment in enumerate(segments):
+      latents[index].append(chunk_latents[index])
+      if segment.retrieval is not None:
+        histograms[index].append(np.asarray(segment.retrieval))
     wall.append(time.perf_counter() - chunk_start)
-    print(report.format_progress(segment.first_chunk, plan.num_chunks, video.shape[1], wall[-1], segment.seconds,
-                                 report.eta_seconds(wall, plan.num_chunks)), file=progress, flush=True)
-  return Streamed(latents=np.concatenate(latents, axis=2),
-                  histograms=np.concatenate(histograms) if histograms else None, chunk_seconds=wall,
-                  backends_used=rollout.backends_used)
+    print(report.format_progress(chunk, first.num_chunks, video.shape[1], wall[-1], dit_seconds,
+                                 report.eta_seconds(wall, first.num_chunks)), file=progress, flush=True)
+  return [Streamed(latents=np.concatenate(latents[i], axis=2),
+                   histograms=np.concatenate(histograms[i]) if histograms[i] else None,
+                   backends_used=rollout.backends_used) for i, (rollout, _) in enumerate(rollouts)], wall
 
 
-def run(plan: Plan, *, out: TextIO | None = None, progress: TextIO | None = None) -> dict[str, Any]:
-  """Generates the video the plan describes; writes the mp4, the report (and latents); returns the report.
+def _facts(plan: Plan, rollout: Rollout, streamed: Streamed, wall: list[float], dtype: jnp.dtype, total: float,
+           peak_bytes: int | None, notes: list[str]) -> report.RunFacts:
+  return report.RunFacts(
+      dtype=dtype.name, sampler=dataclasses.asdict(rollout.sampler), latent_frames=streamed.latents.shape[2],
+      pixels="latent_visualisation" if plan.vae is None else "vae",
+      chunk_seconds=wall, dit_chunk_seconds=[seconds for _, _, seconds in rollout.timings],
+      compilations=rollout.traces, total_seconds=total,
+      chunks_in_memory=int(np.sum(np.asarray(rollout.store.slot_chunk) >= 0)), peak_device_bytes=peak_bytes,
+      histograms=streamed.histograms, backends_used=streamed.backends_used, notes=notes)
 
-  Messages and notes (the plan's, then the library's warnings: `warnings_as_notes`) go to `out`
+
+def run(plans: Plan | tuple[Plan, ...], *, out: TextIO | None = None, progress: TextIO | None = None
+        ) -> dict[str, Any]:
+  """Generates the video the plan describes, or, given several plans (`plan.plan_runs`), the same video
+  by each model side by side; writes the mp4, the report (and latents); returns the report.
+
+  Messages and notes (the plans', then the library's warnings: `warnings_as_notes`) go to `out`
   (default stdout), one progress line per chunk to `progress` (default stderr). A failure anywhere,
   NaN or infinite latents included (`rollout.NonFiniteLatentsError`, naming the chunk), removes the
   partial video and leaves any existing file untouched.
   """
-  out, progress = out or sys.stdout, progress or sys.stderr
+  plans = (plans,) if isinstance(plans, Plan) else tuple(plans)
+  out, progress, first = out or sys.stdout, progress or sys.stderr, plans[0]
   start = time.perf_counter()
-  with (Mp4Writer(plan.output, height=plan.height, width=plan.width, fps=plan.config.fps) as writer,
+  height, width = Layout(plans).size
+  with (Mp4Writer(first.output, height=height, width=width, fps=first.config.fps) as writer,
         warnings_as_notes(out) as run_notes):
-    dtype = compute_dtype(plan.options)
-    for line in report.opening_lines(plan, dtype.name):
+    dtype = compute_dtype(first.options)
+    for line in dict.fromkeys(line for plan in plans for line in report.opening_lines(plan, dtype.name)):
       print(line, file=out, flush=True)
-    rollout, prompts = build_rollout(plan, dtype)
-    streamed = stream_chunks(plan, rollout, prompts, ChunkDecoder(plan), writer, progress)
+    rollouts = [build_rollout(plan, dtype) for plan in plans]
+    decoder = ChunkDecoder(first, batch_size=len(plans) * first.batch_size)
+    streamed, wall = stream_chunks(plans, rollouts, decoder, writer, progress)
     peak_bytes = environment.peak_device_bytes()
-  if plan.latents is not None:
-    io.atomic_write(plan.latents, lambda file: np.save(file, streamed.latents))
-  facts = report.RunFacts(
-      dtype=dtype.name, sampler=dataclasses.asdict(rollout.sampler), latent_frames=streamed.latents.shape[2],
-      pixels="latent_visualisation" if plan.vae is None else "vae",
-      chunk_seconds=streamed.chunk_seconds, dit_chunk_seconds=[seconds for _, _, seconds in rollout.timings],
-      compilations=rollout.traces, total_seconds=time.perf_counter() - start,
-      chunks_in_memory=int(np.sum(np.asarray(rollout.store.slot_chunk) >= 0)), peak_device_bytes=peak_bytes,
-      histograms=streamed.histograms, backends_used=streamed.backends_used, notes=run_notes)
-  record = report.build_report(plan, facts)
-  io.write_json(plan.report, record)
-  print(report.closing_line(plan, record), file=out)
+  if first.latents is not None:
+    io.atomic_write(first.latents, lambda file: np.save(file, streamed[0].latents))
+  total = time.perf_counter() - start
+  records = [report.build_report(plan, _facts(plan, rollout, result, wall, dtype, total, peak_bytes, run_notes))
+             for plan, (rollout, _), result in zip(plans, rollouts, streamed, strict=True)]
+  record = records[0] if len(plans) == 1 else report.comparison_report(plans, records, (height, width))
+  io.write_json(first.report, record)
+  for line in report.closing_lines(plans, records):
+    print(line, file=out)
   return record
 
 
 def generate(options: GenerateOptions, **kwargs: Any) -> dict[str, Any]:
   """plan + run: validates, then generates; returns the report."""
-  return run(planning.plan(options), **kwargs)
+  return run(planning.plan_runs(options), **kwargs)

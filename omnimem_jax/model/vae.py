@@ -563,12 +563,10 @@ class WanVAE(nnx.Module):
     rest = jnp.moveaxis(rest, 0, 1).reshape(batch, -1, *rest.shape[3:])
     return jnp.concatenate([video, rest], axis=1)
 
-  def encode_chunk(self, video: Float[Array, "b t hh ww 3"], cache: Cache, *, first: bool
-                   ) -> tuple[Float[Array, "b t2 h w z"], Cache]:
-    """Encodes consecutive video frames to normalised latent means, carrying the feature cache.
-
-    `first` chunks hold 1 + 4k frames (-> 1 + k latents), later chunks 4k frames (-> k latents).
-    """
+  def posterior_chunk(self, video: Float[Array, "b t hh ww 3"], cache: Cache, *, first: bool
+                      ) -> tuple[Float[Array, "b t2 h w z"], Float[Array, "b t2 h w z"], Cache]:
+    """The encoder's Gaussian posterior of consecutive video frames, un-normalised: (mean, log-variance,
+    cache). `first` chunks hold 1 + 4k frames (-> 1 + k latents), later chunks 4k frames (-> k latents)."""
     if video.ndim != 5 or video.shape[-1] != 3:
       raise ValueError(f"video must be [B, T, H, W, 3], got {video.shape}")
     self._check_frame_size(*video.shape[2:4])
@@ -579,28 +577,46 @@ class WanVAE(nnx.Module):
       raise ValueError(f"a {'first' if first else 'later'} encode chunk needs {rule}, got {frames}")
     x, cache = self.encoder(video, cache, first)
     moments = self.quant_conv(x).astype(jnp.float32)
-    mean, std = self._stats()
-    return (moments[..., :self.config.z_dim] - mean) / std, cache
+    return moments[..., :self.config.z_dim], moments[..., self.config.z_dim:], cache
 
-  def encode(self, video: Float[Array, "b t hh ww 3"]) -> Float[Array, "b t2 h w z"]:
-    """Encodes a whole video of 1 + 4k frames in [-1, 1] to 1 + k normalised latent means (the
-    posterior mode), frame 0 first and then 4 frames at a time under a scan."""
+  def encode_chunk(self, video: Float[Array, "b t hh ww 3"], cache: Cache, *, first: bool
+                   ) -> tuple[Float[Array, "b t2 h w z"], Cache]:
+    """Encodes consecutive video frames to normalised latent means (the posterior mode), carrying the
+    feature cache; frame counts as `posterior_chunk`."""
+    mean, _, cache = self.posterior_chunk(video, cache, first=first)
+    return self.normalise(mean), cache
+
+  def normalise(self, latents: Float[Array, "*b z"]) -> Float[Array, "*b z"]:
+    """Raw latents -> the normalised latents the DiT consumes (per-channel statistics of the config)."""
+    mean, std = self._stats()
+    return (latents - mean) / std
+
+  def posterior(self, video: Float[Array, "b t hh ww 3"]) -> tuple[Float[Array, "b t2 h w z"],
+                                                                   Float[Array, "b t2 h w z"]]:
+    """The posterior (mean, log-variance), un-normalised, of a whole video of 1 + 4k frames in [-1, 1]:
+    frame 0 first, then 4 frames at a time under a scan (memory does not grow with k)."""
     batch, frames, height, width, _ = video.shape
     step = self.config.temporal_compression
     if frames % step != 1 % step:
       raise ValueError(f"encode needs 1 + {step}k frames, got {frames}")
     cache = self.init_encode_cache(batch, height, width)
-    latents, cache = self.encode_chunk(video[:, :1], cache, first=True)
+    mean, logvar, cache = self.posterior_chunk(video[:, :1], cache, first=True)
     if frames == 1:
-      return latents
+      return mean, logvar
     groups = video[:, 1:].reshape(batch, (frames - 1) // step, step, height, width, 3)
 
-    def body(carry: Cache, group: jax.Array) -> tuple[Cache, jax.Array]:
-      out, carry = self.encode_chunk(group, carry, first=False)
-      return carry, out[:, 0]
+    def body(carry: Cache, group: jax.Array) -> tuple[Cache, tuple[jax.Array, jax.Array]]:
+      group_mean, group_logvar, carry = self.posterior_chunk(group, carry, first=False)
+      return carry, (group_mean[:, 0], group_logvar[:, 0])
 
-    _, rest = jax.lax.scan(body, cache, jnp.moveaxis(groups, 1, 0))
-    return jnp.concatenate([latents, jnp.moveaxis(rest, 0, 1)], axis=1)
+    _, (rest_mean, rest_logvar) = jax.lax.scan(body, cache, jnp.moveaxis(groups, 1, 0))
+    return (jnp.concatenate([mean, jnp.moveaxis(rest_mean, 0, 1)], axis=1),
+            jnp.concatenate([logvar, jnp.moveaxis(rest_logvar, 0, 1)], axis=1))
+
+  def encode(self, video: Float[Array, "b t hh ww 3"]) -> Float[Array, "b t2 h w z"]:
+    """Encodes a whole video of 1 + 4k frames in [-1, 1] to 1 + k normalised latent means (the
+    posterior mode)."""
+    return self.normalise(self.posterior(video)[0])
 
 
 def to_uint8(video: Float[Array, "*b t h w 3"]) -> UInt8[Array, "*b t h w 3"]:

@@ -40,6 +40,9 @@ class TrainConfig:
       high-noise levels the 4-step sampler uses more often.
     select_own_noisy_chunk: the official teacher-forcing AWE keeps a noisy query's own chunk among the
       selection candidates; False matches the rollout exactly.
+    codec: a `wan_vae` checkpoint (`omnimem_jax.training.codec`): train on the pixel world encoded by it
+      (`landmarks`) instead of the latent-space world; None: the latent-space world.
+    num_worlds: with a codec, the number of distinct worlds (encoded once, then drawn from).
     seed: data, noise and initialisation seed.
   """
 
@@ -58,6 +61,8 @@ class TrainConfig:
   sigma_std: float = 1.0
   sigma_shift: float = 1.0
   select_own_noisy_chunk: bool = True
+  codec: str | None = None
+  num_worlds: int = 1024
   seed: int = 0
 
   def __post_init__(self) -> None:
@@ -67,7 +72,7 @@ class TrainConfig:
                        f"{model.in_channels}x{model.latent_height}x{model.latent_width}")
     if world.frames_per_chunk != model.memory.frames_per_chunk:
       raise ValueError(f"world frames_per_chunk {world.frames_per_chunk} != model's {model.memory.frames_per_chunk}")
-    for name in ("num_chunks", "batch_size", "warmup_steps"):
+    for name in ("num_chunks", "batch_size", "warmup_steps", "num_worlds"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"invalid TrainConfig field '{name}': must be a positive integer, got {value!r}")
