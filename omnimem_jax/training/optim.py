@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import jax
 import optax
 
-from omnimem_jax.training.config import TrainConfig
-
 Tree = TypeVar("Tree")
 
 
-def optimizer(config: TrainConfig) -> optax.GradientTransformation:
+class OptimizerSettings(Protocol):
+  """The fields `optimizer` reads (TrainConfig and the codec's CodecConfig have them)."""
+
+  learning_rate: float
+  warmup_steps: int
+  weight_decay: float
+  beta1: float
+  beta2: float
+  grad_clip: float
+
+
+def optimizer(config: OptimizerSettings) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW whose learning rate rises linearly over `warmup_steps`."""
   schedule = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
   return optax.chain(optax.clip_by_global_norm(config.grad_clip),
