@@ -104,24 +104,30 @@ def format_progress(chunk: int, num_chunks: int, frames: int, seconds: float, di
           f"(DiT {dit_seconds * 1e3:.1f} ms)  ETA {remaining}")
 
 
-def closing_lines(plans: tuple[Plan, ...], records: list[dict[str, Any]]) -> list[str]:
-  """What was written, and how fast (end to end first, then the DiT alone); for each omnimem run that
-  knows its world's revisits, how often retrieval picked the earlier visit."""
+def closing_lines(plans: tuple[Plan, ...], records: list[dict[str, Any]], size: tuple[int, int]) -> list[str]:
+  """What was written (an mp4 of `size` = (height, width)), and how fast: end to end first, then each
+  model's DiT alone, its chunks dropped from memory and, where its world's revisits are known, how often
+  retrieval picked the earlier visit. One line for one model; a line per model for a comparison."""
   first, timing = plans[0], records[0]["timing"]
   steady = timing["fps_after_first_chunk"]
-  compared = f" by {len(plans)} models side by side" if len(plans) > 1 else ""
-  lines = [f"{'SMOKE RUN (random weights): ' if first.smoke else ''}wrote {first.output} ({first.frames} frames"
-           f"{compared}) and {first.report}: {timing['end_to_end_fps']:.1f} FPS end to end "
-           f"({timing['end_to_end_seconds']:.1f} s with loading and compilation"
-           + (f"; {steady:.1f} FPS after chunk 0" if steady else "") + ")"]
-  for plan, record in zip(plans, records, strict=True):
-    revisit = (record["retrieval"] or {}).get("earlier_visit")
-    lines.append(f"{plan.config.memory.mode}: the DiT alone {record['timing']['dit_fps']:.1f} FPS; "
-                 f"{record['memory']['chunks_dropped']} chunks dropped from memory" + (
-                     "" if revisit is None else
-                     f"; {100 * revisit['fraction_from_earlier_visit']:.0f}% of the blocks retrieved beyond the window "
-                     f"came from the earlier visit of the place in view (chance {100 * revisit['chance']:.0f}%)"))
-  return lines
+  compared = f", {len(plans)} models side by side" if len(plans) > 1 else ""
+  head = (f"{'SMOKE RUN (random weights): ' if first.smoke else ''}wrote {first.output} ({first.frames} frames, "
+          f"{size[1]}x{size[0]}{compared}) and {first.report}: {timing['end_to_end_fps']:.1f} FPS end to end "
+          f"({timing['end_to_end_seconds']:.1f} s with loading and compilation"
+          + (f"; {steady:.1f} FPS after chunk 0" if steady else "") + ")")
+  models = [_model_line(record) for record in records]
+  if len(plans) == 1:
+    return [f"{head}; {models[0]}"]
+  return [head, *(f"{plan.config.memory.mode}: {line}" for plan, line in zip(plans, models, strict=True))]
+
+
+def _model_line(record: dict[str, Any]) -> str:
+  revisit = (record["retrieval"] or {}).get("earlier_visit")
+  return (f"the DiT alone {record['timing']['dit_fps']:.1f} FPS; {record['memory']['chunks_dropped']} chunks dropped "
+          "from memory" + ("" if revisit is None else
+                           f"; {100 * revisit['fraction_from_earlier_visit']:.0f}% of the blocks retrieved beyond the "
+                           f"window came from the earlier visit of the place in view (chance "
+                           f"{100 * revisit['chance']:.0f}%)"))
 
 
 # ---- the JSON report -------------------------------------------------------------------------------

@@ -288,7 +288,7 @@ def run(plans: Plan | tuple[Plan, ...], *, out: TextIO | None = None, progress: 
              for plan, (rollout, _), result in zip(plans, rollouts, streamed, strict=True)]
   record = records[0] if len(plans) == 1 else report.comparison_report(plans, records, (height, width))
   io.write_json(first.report, record)
-  for line in report.closing_lines(plans, records):
+  for line in report.closing_lines(plans, records, (height, width)):
     print(line, file=out)
   return record
 
