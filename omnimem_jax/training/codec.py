@@ -140,13 +140,17 @@ def _step_fn(config: CodecConfig) -> Callable[..., Any]:
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def train_codec(config: CodecConfig, steps: int, *, log_every: int = 100, time_budget_s: float | None = None,
-                progress: TextIO | None = None) -> tuple[WanVAE, list[dict[str, float]]]:
-  """Trains a codec from scratch for `steps` steps (or until `time_budget_s`); returns it (latent statistics
-  still (0, 1)) and the loss history (one entry per `log_every` steps, averaged over them)."""
+def train_codec(config: CodecConfig, steps: int, *, start: WanVAE | None = None, log_every: int = 100,
+                time_budget_s: float | None = None, progress: TextIO | None = None
+                ) -> tuple[WanVAE, list[dict[str, float]]]:
+  """Trains a codec for `steps` steps (or until `time_budget_s`), from `start` (a codec of `config.vae`) or
+  from fresh weights of `config.seed`; returns it (latent statistics still (0, 1)) and the loss history
+  (one entry per `log_every` steps, averaged over them)."""
   progress = progress or sys.stdout
-  graphdef, params = nnx.split(WanVAE(config.vae, rngs=nnx.Rngs(config.seed)))
-  opt_state = optimizer(config).init(params)
+  if start is not None and start.config != config.vae:
+    raise ValueError(f"start is a codec of {start.config}, the config trains {config.vae}")
+  graphdef, params = nnx.split(WanVAE(config.vae, rngs=nnx.Rngs(config.seed)) if start is None else start)
+  opt_state = jax.jit(optimizer(config).init)(params)
   step_fn, history, recent, start = _step_fn(config), [], [], time.perf_counter()
   for step in range(steps):
     if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
@@ -184,12 +188,18 @@ def latent_statistics(vae: WanVAE, config: CodecConfig, num_worlds: int = 64) ->
   return latents.mean(axis=(0, 2, 3, 4)), latents.std(axis=(0, 2, 3, 4))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(graphdef: nnx.GraphDef, state: nnx.State, video: jax.Array) -> jax.Array:
+  return nnx.merge(graphdef, state).encode(video)
+
+
 def encode_worlds(vae: WanVAE, world: WorldConfig, world_seeds: np.ndarray, latent_frames: int, *,
                   batch_size: int = 8) -> Float[np.ndarray, "n c f h w"]:
   """The normalised latents of the pixel worlds `world_seeds`: [N, C, latent_frames, H, W] float32 (the
-  synthetic world's latent layout), encoded `batch_size` worlds at a time."""
-  encode = jax.jit(vae.encode)
-  latents = [np.asarray(encode(landmarks.batch(world, world_seeds[i:i + batch_size], latent_frames)))
+  synthetic world's latent layout), encoded `batch_size` worlds at a time (compiled once per codec
+  architecture and batch shape)."""
+  graphdef, state = nnx.split(vae)
+  latents = [np.asarray(_encode(graphdef, state, landmarks.batch(world, world_seeds[i:i + batch_size], latent_frames)))
              for i in range(0, len(world_seeds), batch_size)]
   return np.moveaxis(np.concatenate(latents), -1, 1)  # [N, F, H, W, C] -> [N, C, F, H, W]
 
