@@ -133,13 +133,10 @@ def earlier_visits(config: WorldConfig, num_chunks: int) -> np.ndarray:
   and some frame of chunk c' shows exactly the view of some frame of chunk c (a whole number of orbits
   earlier). With a period of P whole chunks, chunk c's earlier visits are c - P, c - 2P, ..."""
   fpc = config.frames_per_chunk
-  frame_chunk = np.arange(num_chunks * fpc) // fpc
-  columns = camera_columns(config, num_chunks * fpc)
-  same_view = (columns[:, None] == columns[None, :]) & (frame_chunk[:, None] > frame_chunk[None, :])  # [f, f']
-  visits = np.zeros((num_chunks, num_chunks), bool)
-  np.logical_or.at(visits, (frame_chunk[:, None].repeat(len(columns), 1), frame_chunk[None, :].repeat(len(columns), 0)),
-                   same_view)
-  return visits
+  gap = np.arange(num_chunks)[:, None] - np.arange(num_chunks)[None, :]  # c - c' in chunks
+  offsets = np.arange(-(fpc - 1), fpc)  # frame of c minus frame of c', beyond the chunk gap
+  same_view = ((gap[..., None] * fpc + offsets) % config.period == 0).any(axis=-1)  # views repeat every period
+  return same_view & (gap > 0)
 
 
 def revisit_distances(config: WorldConfig, num_frames: int) -> np.ndarray:

@@ -174,7 +174,7 @@ class Layout:
     self.plans, first = plans, plans[0]
     self.labels = [panels.MODE_LABELS.get(p.config.memory.mode, p.config.memory.mode) for p in plans]
     self.upscale = panels.upscale_for(first.width) if len(plans) > 1 else 1
-    self.revisits = revisit_captions(first)
+    self.revisits = revisit_captions(first) if len(plans) > 1 else []  # captions: comparisons only
 
   @property
   def size(self) -> tuple[int, int]:
