@@ -32,7 +32,7 @@ from types import FrameType
 from absl import app, flags
 from omnimem_kernels.backends import OPS
 
-from omnimem_jax import cli, sharding
+from omnimem_jax import cli, environment, sharding
 from omnimem_jax.config import ATTENTION_MODES, PRESETS
 from omnimem_jax.generation import options, plan, run
 from omnimem_jax.rollout import NonFiniteLatentsError
@@ -98,12 +98,14 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
-  sharding.initialize_distributed()  # multi-host jobs: when the environment describes one
   fields = [field.name for field in dataclasses.fields(options.GenerateOptions)]
   asked = options.GenerateOptions(**{name: flags.FLAGS[name].value for name in fields})
   if asked.checkpoint is None and asked.model_dir is None and asked.preset is None and DEMO_CHECKPOINT.is_dir():
-    # No model named: the demo model trained on the synthetic orbiting-camera world (README, "Training").
+    # No model named: the demo model trained on the synthetic orbiting-camera world (README, "Training"),
+    # so small that compiling it costs more than running it.
     asked = dataclasses.replace(asked, checkpoint=str(DEMO_CHECKPOINT), output=asked.output or options.DEMO_OUTPUT)
+    environment.compile_without_llvm_optimisations()
+  sharding.initialize_distributed()  # multi-host jobs: when the environment describes one
   try:
     plans = plan.plan_runs(asked)
   except options.GenerateError as err:

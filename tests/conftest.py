@@ -7,7 +7,7 @@ with.
 
 The session shares one persistent compilation cache (a temporary folder, removed at the end) with the
 command-line tools the tests start: the same tiny programs compiled again by another test or process
-load in milliseconds instead of seconds. XLA compiles for CPU without LLVM's optimisations: the tests'
+load in milliseconds instead of seconds. XLA compiles without LLVM's optimisations: the tests'
 programs are tiny, so compiling them dominated the suite's time (a tiny rollout: 13 s to compile at the
 default level, 2 s at level 0), and the level changes no floating-point semantics.
 """
@@ -19,9 +19,11 @@ import tempfile
 import jax
 import pytest
 
+from omnimem_jax import environment
+
 jax.config.update("jax_num_cpu_devices", 4)
 
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+environment.compile_without_llvm_optimisations()  # inherited by the tools the tests start
 _COMPILATION_CACHE = tempfile.mkdtemp(prefix="omnimem-jax-test-cache-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE  # inherited by the tools the tests start
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
