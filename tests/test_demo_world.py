@@ -116,6 +116,12 @@ def test_codec_trains_and_exports_normalising_statistics(tmp_path, tiny_codec):
   np.testing.assert_allclose(restored.config.latents_std, std, rtol=1e-5)
   normalised = np.asarray(restored.normalise(np.moveaxis(raw, 1, -1)))
   np.testing.assert_allclose(normalised.mean(axis=(0, 1, 2, 3)), 0.0, atol=1e-4)
+  resumed, steps = codec.resume_codec(tmp_path / "codec", tiny_codec)  # to train further: statistics (0, 1) again
+  assert steps == 1 and resumed.config == tiny_codec.vae
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(resumed, nnx.Param), nnx.state(vae, nnx.Param))
+  other = dataclasses.replace(tiny_codec, vae=dataclasses.replace(tiny_codec.vae, base_dim=2 * tiny_codec.vae.base_dim))
+  with pytest.raises(ValueError, match="not of the architecture trained here"):
+    codec.resume_codec(tmp_path / "codec", other)
   with pytest.raises(ValueError, match="z_dim"):
     dataclasses.replace(tiny_codec, world=dataclasses.replace(WORLD, channels=8))
 

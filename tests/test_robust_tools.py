@@ -548,9 +548,19 @@ def test_robust_train_codec_flags_are_checked_before_training(tmp_path, capsys):
     (("--kl_weight=-1",), "--kl_weight >= 0"),
     (("--steps=0",), "--steps must be >= 1, got 0"),
     (("--time_budget_s=-3",), "--time_budget_s must be > 0"),
+    (("--start=/nonexistent/codec",), "--start=/nonexistent/codec is not a directory"),
 ])
 def test_robust_train_codec_refuses_bad_flags(tmp_path, capsys, args, message):
   assert message in refused(capsys, "train_codec", f"--export={tmp_path / 'codec'}", *args, unchanged=tmp_path)
+  assert not (tmp_path / "codec").exists()
+
+
+def test_robust_train_codec_refuses_a_start_of_another_architecture(tmp_path, capsys):
+  converted = wan_vae.convert_checkpoint(FIXTURES / "vae_tiny_diffusers.safetensors", tmp_path / "vae",
+                                         VAEConfig.from_preset("tiny"))
+  line = refused(capsys, "train_codec", f"--export={tmp_path / 'codec'}", f"--start={converted}", unchanged=tmp_path)
+  assert line.startswith(f"error: --start={converted}: {converted} is a codec of {{'base_dim': ")
+  assert "not of the architecture trained here" in line
   assert not (tmp_path / "codec").exists()
 
 

@@ -32,6 +32,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from omnimem_jax import checkpoints
+from omnimem_jax.convert import wan_vae
 from omnimem_jax.data import landmarks
 from omnimem_jax.data.synthetic import WorldConfig
 from omnimem_jax.model.vae import VAEConfig, WanVAE
@@ -202,6 +203,24 @@ def encode_worlds(vae: WanVAE, world: WorldConfig, world_seeds: np.ndarray, late
   latents = [np.asarray(_encode(graphdef, state, landmarks.batch(world, world_seeds[i:i + batch_size], latent_frames)))
              for i in range(0, len(world_seeds), batch_size)]
   return np.moveaxis(np.concatenate(latents), -1, 1)  # [N, F, H, W, C] -> [N, C, F, H, W]
+
+
+def _architecture(vae: VAEConfig) -> dict[str, Any]:
+  """A codec config's fields but its latent statistics (which training keeps at (0, 1))."""
+  return {name: value for name, value in vae.to_dict().items() if name not in ("latents_mean", "latents_std")}
+
+
+def resume_codec(directory: str | os.PathLike, config: CodecConfig) -> tuple[WanVAE, int]:
+  """A codec exported by `export_codec`, to train further under `config` (e.g. over several sessions):
+  (its parameters in a codec of `config.vae`, whose latent statistics stay (0, 1) while training, and the
+  steps it was trained for). ValueError when its architecture differs from `config.vae`."""
+  exported = wan_vae.restore_vae(directory)
+  if _architecture(exported.config) != _architecture(config.vae):
+    raise ValueError(f"{directory} is a codec of {_architecture(exported.config)}, not of the architecture trained "
+                     f"here, {_architecture(config.vae)}")
+  training = checkpoints.read_record(directory, checkpoints.Kind.VAE).training or {}
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: WanVAE(config.vae, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.state(exported)), int(training.get("steps", 0))
 
 
 def export_codec(vae: WanVAE, config: CodecConfig, directory: str | os.PathLike, *, steps: int,
