@@ -5,6 +5,9 @@ CPU precision, so they run with float32 matmuls at full precision: on GPUs JAX's
 TF32 (about 1e-3 relative error). Tests of the accelerator kernels keep the default the library runs
 with.
 
+Tests that need several devices (meshes) call `tests.configs.require_devices`: CI has the 4 fake CPU
+devices made here, a machine with one accelerator has one.
+
 The session shares one persistent compilation cache (a temporary folder, removed at the end) with the
 command-line tools the tests start: the same tiny programs compiled again by another test or process
 load in milliseconds instead of seconds. XLA compiles for CPU without LLVM's optimisations: the tests'
