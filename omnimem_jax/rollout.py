@@ -461,9 +461,12 @@ class Rollout:
 
   def run(self, prompts: Sequence[tuple[int, CrossKV]], num_chunks: int, seed: int = 0,
           **kwargs: Any) -> tuple[jax.Array, np.ndarray | None]:
-    """The whole rollout: (latents [B, C, 3 * num_chunks, H, W], retrieval histograms or None)."""
+    """The whole rollout: (latents [B, C, 3 * num_chunks, H, W], retrieval histograms or None).
+
+    The histograms come to the host by an explicit `jax.device_get`, which transfer guards allow (an
+    implicit `np.asarray` of a GPU array is refused under `jax.transfer_guard("disallow")`)."""
     segments = list(self.stream(prompts, num_chunks, seed, **kwargs))
     latents = jnp.concatenate([segment.latents for segment in segments], axis=2)
     if not self.config.retrieval:
       return latents, None
-    return latents, np.concatenate([np.asarray(segment.retrieval) for segment in segments])
+    return latents, np.concatenate(jax.device_get([segment.retrieval for segment in segments]))

@@ -65,16 +65,17 @@ def make_mesh(data: int = 1, model: int = 1, *, config: ModelConfig | None = Non
   """A ("data", "model") mesh of data x model devices with Auto axis types.
 
   With `config` / `batch_size`, refuses up front a model axis that does not divide the heads or a data
-  axis that does not divide the batch.
+  axis that does not divide the batch; these come before the device count, so a mesh that cannot work on
+  any machine gets the same error on every machine.
   """
-  devices = list(jax.devices() if devices is None else devices)
-  if data * model > len(devices):
-    raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, only {len(devices)} visible")
   if config is not None and config.num_heads % model:
     divisors = [d for d in range(1, config.num_heads + 1) if config.num_heads % d == 0]
     raise ValueError(f"the model axis ({model}) must divide the {config.num_heads} heads: one of {divisors}")
   if batch_size is not None and batch_size % data:
     raise ValueError(f"the data axis ({data}) must divide the batch ({batch_size} prompts)")
+  devices = list(jax.devices() if devices is None else devices)
+  if data * model > len(devices):
+    raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, only {len(devices)} visible")
   return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[:data * model])
 
 

@@ -1,6 +1,9 @@
-"""Configs shared by the tests."""
+"""Configs and device requirements shared by the tests."""
 
 import dataclasses
+
+import jax
+import pytest
 
 from omnimem_jax.config import ModelConfig
 
@@ -9,3 +12,14 @@ def tiny(**memory) -> ModelConfig:
   """The tiny preset with MemoryConfig fields replaced (validated again)."""
   base = ModelConfig.from_preset("tiny")
   return dataclasses.replace(base, memory=dataclasses.replace(base.memory, **memory))
+
+
+def require_devices(count: int) -> None:
+  """Skips the calling test (from where it is called) unless `count` devices are visible.
+
+  CI runs on 4 fake CPU devices (tests/conftest.py); a machine with fewer accelerators has fewer.
+  """
+  __tracebackhide__ = True  # pytest reports the skip at the calling test's line
+  visible = jax.device_count()
+  if visible < count:
+    pytest.skip(f"needs {count} devices (CI's fake CPU devices); {visible} visible")

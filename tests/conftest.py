@@ -3,7 +3,11 @@
 Tests not marked `gpu` or `tpu` check float32 numerics against float64 oracles and references at
 CPU precision, so they run with float32 matmuls at full precision: on GPUs JAX's default would use
 TF32 (about 1e-3 relative error). Tests of the accelerator kernels keep the default the library runs
-with.
+with. The setting is a function-scoped fixture: a module-scoped fixture that computes is set up
+before it and sets the precision itself (tests/test_vae.py's whole decode).
+
+Tests that need several devices (meshes) call `tests.configs.require_devices`: CI has the 4 fake CPU
+devices made here, a machine with one accelerator has one.
 
 The session shares one persistent compilation cache (a temporary folder, removed at the end) with the
 command-line tools the tests start: the same tiny programs compiled again by another test or process

@@ -16,7 +16,7 @@ from omnimem_jax.convert import state_dict as sd
 from omnimem_jax.convert import wan_dit
 from omnimem_jax.memory.store import init_store
 from omnimem_jax.model.wan import CausalWanModel
-from tests.configs import tiny
+from tests.configs import require_devices, tiny
 
 ORIGINAL = "tests/fixtures/wan_dit_original.safetensors"
 
@@ -53,6 +53,7 @@ def test_restore_gives_identical_outputs(converted):
 
 
 def test_restore_onto_a_four_device_mesh_with_shardings(converted):
+  require_devices(4)
   config = tiny(mode="dense")
   mesh = Mesh(np.array(jax.devices()[:4]).reshape(1, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
   sharded = wan_dit.restore_model(converted, mesh=mesh, dtype=jnp.float32)

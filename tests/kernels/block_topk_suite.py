@@ -117,3 +117,25 @@ class BlockTopKSuite:
                    k_dtype=jnp.bfloat16)
     check_against_oracle(ids, qbar, k_pooled, candidates, top_k, float(np.sqrt(np.float32(128))), exact=False,
                          tolerance=1e-5)
+
+  @pytest.mark.parametrize("shape", ["tiny", "few_candidates"])  # few_candidates: -1 padded ids
+  def test_differentiable_functions_of_the_ids(self, shape):
+    """The op sits inside a differentiated function (training differentiates the rollout): the ids carry
+    no gradient, the gathered keys and the queries do. Integer inputs: exact scores, so every backend
+    picks the XLA reference's ids and the gradients are equal bit for bit."""
+    *dims, top_k = SHAPES[shape]
+    qbar, k_pooled, candidates = (jnp.asarray(x) for x in make_inputs(6, *dims, integers=True))
+
+    def selected_score(qbar, k_pooled, implementation):
+      """sum of qbar . k_pooled[id] over each row's valid ids."""
+      ids = api.block_top_k(qbar, k_pooled, candidates, top_k=top_k, divisor=4.0, implementation=implementation,
+                            interpret=self.INTERPRET)
+      chosen = jnp.take_along_axis(k_pooled[:, :, None], jnp.maximum(ids, 0)[..., None], axis=3)  # [b, h, g, k, d]
+      return jnp.sum(jnp.where(ids[..., None] >= 0, chosen * qbar[:, :, :, None], 0.0))
+
+    gradient = jax.jit(jax.value_and_grad(selected_score, argnums=(0, 1)), static_argnums=2)
+    value, (d_qbar, d_k_pooled) = gradient(qbar, k_pooled, self.IMPLEMENTATION)
+    expected_value, (expected_d_qbar, expected_d_k_pooled) = gradient(qbar, k_pooled, "xla")
+    assert float(value) == float(expected_value) and np.abs(d_k_pooled).sum() > 0
+    np.testing.assert_array_equal(d_qbar, expected_d_qbar)
+    np.testing.assert_array_equal(d_k_pooled, expected_d_k_pooled)

@@ -58,6 +58,10 @@ def block_top_k(qbar: Float[Array, "b h g d"], k_pooled: Float[Array, "b h nblk 
     divisor: scores are `qbar . kbar / divisor` (sqrt(head_dim) for the model).
     implementation: a backend name or a preference list; default `default_implementations()`.
     interpret: run Pallas backends in interpret mode; default: on CPU.
+
+  The ids are integers and carry no gradient, so `qbar` and `k_pooled` enter through
+  `lax.stop_gradient`: every backend, the Pallas ones (which have no JVP rule) included, can sit inside a
+  differentiated function, whose gradient flows through what it computes from the ids instead.
   """
   if qbar.ndim != 4 or k_pooled.ndim != 4 or qbar.shape[:2] != k_pooled.shape[:2] or qbar.shape[3] != k_pooled.shape[3]:
     raise ValueError(f"qbar must be [batch, heads, groups, d] and k_pooled [batch, heads, blocks, d] with the same "
@@ -68,5 +72,6 @@ def block_top_k(qbar: Float[Array, "b h g d"], k_pooled: Float[Array, "b h nblk 
   if top_k < 1:
     raise ValueError(f"top_k must be >= 1, got {top_k}")
   names = dispatch.resolve(implementation, default_implementations())
+  qbar, k_pooled = jax.lax.stop_gradient((qbar, k_pooled))
   return dispatch.dispatch("block_topk", IMPLEMENTATIONS, names, qbar, k_pooled, candidates, top_k=top_k,
                            divisor=divisor, interpret=dispatch.interpret_mode(interpret))
