@@ -88,9 +88,9 @@ _BACKENDS = flags.DEFINE_string("backends", None, f"Kernel backend per op ({', '
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_checkpoint"
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-  """SIGTERM ends the run as Ctrl-C does: the exception unwinds through the atomic writers, which remove
-  their partial files (exit code 128 + 15, the shell's convention)."""
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+  """SIGTERM and SIGINT (Ctrl-C) end the run without a traceback: the exception unwinds through the atomic
+  writers, which remove their partial files (exit code 128 + the signal's number, the shell's convention)."""
   del frame
   raise SystemExit(128 + signum)
 
@@ -110,7 +110,8 @@ def main(argv: Sequence[str]) -> None:
     plans = plan.plan_runs(asked)
   except options.GenerateError as err:
     cli.fail(err)
-  signal.signal(signal.SIGTERM, _exit_on_sigterm)
+  for stop in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(stop, _exit_on_signal)
   try:
     run.run(plans)
   except NonFiniteLatentsError as err:

@@ -239,19 +239,22 @@ def test_robust_warnings_become_notes_and_paths_stay_as_given(tmp_path, models, 
   assert re.search(r"wrote clips/a\.mp4 .* [0-9.]+ FPS end to end \(.*\); the DiT alone [0-9.]+ FPS", closing)
 
 
-def test_robust_cli_mesh_smoke_run_stopped_by_sigterm(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_robust_cli_mesh_smoke_run_stopped_by_a_signal(tmp_path, stop):
   """A --mesh smoke run on 4 fake CPU devices, without --output, beside the demo's outputs, sent SIGTERM
-  mid-video: ffmpeg was writing outputs/.smoke.partial-PID.mp4 (a smoke run never writes outputs/demo.*);
-  stderr holds progress lines only (no os.fork() warning: ffmpeg is spawned without fork hooks; no
-  traceback); the exit code is 143; no partial file is left and the demo's outputs are untouched."""
+  or SIGINT (Ctrl-C) mid-video: ffmpeg was writing outputs/.smoke.partial-PID.mp4 (a smoke run never
+  writes outputs/demo.*); stderr holds progress lines only (no os.fork() warning: ffmpeg is spawned
+  without fork hooks; no traceback); the exit code is 128 + the signal's number; no partial file is left
+  and the demo's outputs are untouched."""
   outputs = tmp_path / "outputs"
   outputs.mkdir()
   demo = {"demo.mp4": b"the demo's video", "demo.json": b'{"the demo": "report"}'}
   for name, content in demo.items():
     (outputs / name).write_bytes(content)
+  devices = f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"  # with the tests' own flags
   process = subprocess.Popen([sys.executable, GENERATE, "--preset=tiny", "--seconds=60", "--mesh=model=2"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                             env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                             env={**ENV, "XLA_FLAGS": devices})
   try:
     stderr = []
     for line in process.stderr:  # up to the first progress line: chunk 0 is in the partial mp4
@@ -259,13 +262,13 @@ def test_robust_cli_mesh_smoke_run_stopped_by_sigterm(tmp_path):
       if line.startswith("chunk "):
         break
     partial = sorted(path.name for path in outputs.iterdir() if ".partial" in path.name)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     stderr.append(process.stderr.read())
     process.wait(timeout=120)
   finally:
     process.kill()
   assert partial == [f".smoke.partial-{process.pid}.mp4"], "".join(stderr)
-  assert process.returncode == 128 + signal.SIGTERM
+  assert process.returncode == 128 + stop
   assert [line for line in "".join(stderr).splitlines() if not line.startswith("chunk ")] == []
   assert _files(outputs) == demo
 
