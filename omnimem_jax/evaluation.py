@@ -131,7 +131,8 @@ def revisit_picks(histograms: np.ndarray, visits: np.ndarray, min_distance: int)
     chance += counts.sum(axis=1) * earlier.mean()
   if not measured or not picked.sum():
     return None
+  per_layer = [{"layer": layer, "fraction_from_earlier_visit": float(hit / pick) if pick else None,
+                "chance": float(share / pick) if pick else None}
+               for layer, (hit, pick, share) in enumerate(zip(hits, picked, chance, strict=True))]
   return {"fraction_from_earlier_visit": float(hits.sum() / picked.sum()), "chance": float(chance.sum() / picked.sum()),
-          "per_layer": [{"layer": i, "fraction_from_earlier_visit": float(h / p) if p else None,
-                         "chance": float(c / p) if p else None} for i, (h, p, c) in enumerate(zip(hits, picked, chance))],
-          "chunks_measured": measured, "picks": int(picked.sum()), "min_distance": min_distance}
+          "per_layer": per_layer, "chunks_measured": measured, "picks": int(picked.sum()), "min_distance": min_distance}

@@ -4,8 +4,14 @@ import dataclasses
 
 import jax
 import pytest
+from omnimem_kernels.backends import Backends
 
 from omnimem_jax.config import ModelConfig
+
+# Every op on XLA: for comparisons that must not depend on the kernels a platform picks (a hand-written loop
+# against the rollout: an H100's defaults put them 4.6e-4 apart, CPU's 2e-7), and for differentiating the
+# inference path, whose GPU kernels (Triton selection, Mosaic GPU / cuDNN segment attention) have no VJP.
+ALL_XLA = Backends(selection="xla", topk="xla", dense="xla")
 
 
 def tiny(**memory) -> ModelConfig:

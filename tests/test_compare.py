@@ -54,7 +54,8 @@ def test_comparison_video_and_report(tmp_path, models, capsys):
   notes = record["runs"][0]["notes"]
   assert any(re.search(r"trained on clips of 4 chunks .*extrapolates", note) for note in notes)
   out = capsys.readouterr().out
-  assert f"{width}x{height}, 2 models side by side" in out and "came from the earlier visit of the place in view (chance" in out
+  assert f"{width}x{height}, 2 models side by side" in out
+  assert "came from the earlier visit of the place in view (chance" in out
   assert json.loads((tmp_path / "cmp.json").read_text()) == json.loads(json.dumps(record))
   assert (tmp_path / "cmp.mp4").stat().st_size > 0
 

@@ -17,13 +17,7 @@ from omnimem_jax.config import SamplerConfig
 from omnimem_jax.memory.store import init_store
 from omnimem_jax.model.wan import CausalWanModel
 from omnimem_jax.rollout import Rollout
-from omnimem_kernels.backends import Backends
-from tests.configs import tiny
-
-# Every op on XLA in the hand-written loop and the rollouts compared with it, so the comparison does not depend
-# on the kernels a platform picks (with the defaults, an H100 put the ground-truth-prefix run 4.6e-4 from
-# the loop; on CPU, where every default is XLA, 2e-7).
-XLA = Backends(selection="xla", topk="xla", dense="xla")
+from tests.configs import ALL_XLA, tiny
 
 
 def test_self_forcing_schedule_values():
@@ -162,7 +156,7 @@ def hand_written_rollout(model, crosses, num_chunks, noise, key, *, recache_chun
   table = sampler.step_table(schedule)
   steps, frames = len(schedule.denoising_steps), config.memory.frames_per_chunk
   shape = (1, config.in_channels, frames, config.latent_height, config.latent_width)
-  call = jax.jit(lambda x, t, cross, store, chunk: model(x, jnp.full((1,), t), cross, store, chunk, backends=XLA))
+  call = jax.jit(lambda x, t, cross, store, chunk: model(x, jnp.full((1,), t), cross, store, chunk, backends=ALL_XLA))
   store, chunks = init_store(config, 1, jnp.float32), []
   given = 0 if prefix is None else prefix.shape[2] // frames
   for chunk in range(given):
@@ -200,7 +194,7 @@ def test_supplied_noise_rollout_matches_a_hand_written_loop(supplied):
   model = CausalWanModel(tiny(local_attn_frames=6), rngs=nnx.Rngs(5))
   first, second = text_cross(model, 0), text_cross(model, 1)
   noise = table_noise(4) if supplied else sampler.gaussian_noise
-  rollout = Rollout(model, store_dtype=jnp.float32, backends=XLA, noise=noise)
+  rollout = Rollout(model, store_dtype=jnp.float32, backends=ALL_XLA, noise=noise)
   latents, _ = rollout.run([(0, first), (2, second)], num_chunks=4, seed=9, recache_chunks=2, segment_chunks=2)
   expected = hand_written_rollout(model, {0: first, 2: second}, 4, noise, jax.random.key(9), recache_chunks=2)
   assert relative_error(latents, expected) < 1e-5
@@ -216,7 +210,7 @@ def test_ground_truth_prefix_then_generation_matches_a_hand_written_loop():
   model = CausalWanModel(tiny(local_attn_frames=6), rngs=nnx.Rngs(6))
   prefix = np.random.default_rng(3).standard_normal((1, 4, 6, 8, 16)).astype(np.float32)
   noise = table_noise(5, seed=1)
-  rollout = Rollout(model, store_dtype=jnp.float32, backends=XLA, noise=noise)
+  rollout = Rollout(model, store_dtype=jnp.float32, backends=ALL_XLA, noise=noise)
   config = model.config
   rollout_cross = rollout.cross_kv(jax.random.normal(jax.random.key(0), (1, config.text_len, config.text_dim)))
   state = rollout.write_context(rollout.init_state(4, recache_chunks=0), rollout_cross, prefix)
@@ -238,7 +232,7 @@ def test_ground_truth_prefix_then_generation_matches_a_hand_written_loop():
 def test_cross_kv_compiles_once_and_backends_used_names_each_op():
   model = CausalWanModel(tiny(local_attn_frames=6), rngs=nnx.Rngs(7))
   config = model.config
-  rollout = Rollout(model, store_dtype=jnp.float32, backends=XLA)
+  rollout = Rollout(model, store_dtype=jnp.float32, backends=ALL_XLA)
   texts = [jax.random.normal(jax.random.key(seed), (1, config.text_len, config.text_dim)) for seed in range(3)]
   crosses = [rollout.cross_kv(text) for text in texts]
   assert rollout.compilations == {"cross_kv": 1} and rollout.backends_used == {}

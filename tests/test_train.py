@@ -18,14 +18,10 @@ from omnimem_jax import training
 from omnimem_jax.data import synthetic
 from omnimem_jax.memory.store import init_store
 from omnimem_jax.model.wan import CausalWanModel, masked_dense_attention
-from omnimem_kernels.backends import Backends
-from tests.configs import tiny
+from tests.configs import ALL_XLA, tiny
 from tests.fixtures import make_teacher_forcing_golden as golden
 
 CHUNKS = 4  # chunk 3 is the first whose selection excludes the window (AWE)
-# The reference differentiates the inference path, whose GPU kernels (Triton selection, Mosaic GPU / cuDNN
-# segment attention) have no VJP: XLA runs every op, on every platform.
-XLA = Backends(selection="xla", topk="xla", dense="xla")
 
 
 def tiny_train_config(mode: str = "omnimem", **fields) -> training.TrainConfig:
@@ -52,8 +48,8 @@ def rollout_velocity(model, clean, noisy, timesteps, text):
 
   def one_chunk(store, inputs):
     chunk, noisy_chunk, clean_chunk, timestep = inputs
-    velocity, _ = model(noisy_chunk, timestep, cross, store, chunk, backends=XLA)
-    _, store = model(clean_chunk, jnp.zeros((batch,)), cross, store, chunk, backends=XLA)
+    velocity, _ = model(noisy_chunk, timestep, cross, store, chunk, backends=ALL_XLA)
+    _, store = model(clean_chunk, jnp.zeros((batch,)), cross, store, chunk, backends=ALL_XLA)
     return store, velocity
 
   _, velocity = jax.lax.scan(one_chunk, init_store(config, batch, jnp.float32),

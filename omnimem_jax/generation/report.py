@@ -80,9 +80,9 @@ def retrieval_section(plan: Plan, histograms: np.ndarray) -> dict[str, Any]:
 
 def opening_lines(plan: Plan, dtype: str) -> list[str]:
   """The plan's notes, then what is generated on which device."""
-  config = plan.config
+  config, device = plan.config, environment.device()["device"]
   return [*plan.notes, f"generating {plan.num_chunks} chunks = {plan.frames} frames ({plan.frames / config.fps:.2f} s "
-                       f"at {config.fps} fps), {config.memory.mode} attention, {dtype} on {environment.device()['device']}"]
+                       f"at {config.fps} fps), {config.memory.mode} attention, {dtype} on {device}"]
 
 
 def eta_seconds(wall: list[float], num_chunks: int) -> float | None:
