@@ -65,8 +65,8 @@ class Inputs:
 
   config: ModelConfig
   layer: store.LayerKV
-  slot_chunk: jax.Array  # before the call (chunk c not yet assigned)
-  assigned: jax.Array  # after `store.assign_slot` of chunk c
+  tables: store.SlotTables  # before the call (chunk c not yet assigned)
+  assigned: store.SlotTables  # after `store.assign` of chunk c
   chunk_index: jax.Array
   q: jax.Array  # [b, n, h, d]
   k: jax.Array
@@ -88,13 +88,14 @@ def make_inputs(preset: str, chunks: int, seed: int = 0) -> Inputs:
   v_store = jax.random.normal(keys[1], shape, jnp.bfloat16)
   block_view = (1, config.num_heads, chunks * config.blocks_per_chunk, config.memory.block_tokens, config.head_dim)
   pooled = lambda x: x.reshape(block_view).astype(jnp.float32).mean(axis=3).astype(jnp.bfloat16)  # noqa: E731
-  layer = store.LayerKV(k_store, v_store, pooled(k_store), pooled(v_store))
+  empty = store.layer_kv(store.init_store(config, 1, num_layers=1).layers, 0)
+  layer = dataclasses.replace(empty, k=k_store, v=v_store, k_pooled=pooled(k_store), v_pooled=pooled(v_store))
   token_shape = (1, config.tokens_per_chunk, config.num_heads, config.head_dim)
   q, k, v = (jax.random.normal(key, token_shape, jnp.bfloat16) for key in keys[2:5])
   gates = jax.random.normal(keys[5], (*token_shape[:3], 3), jnp.float32)
-  slot_chunk, chunk_index = jnp.arange(chunks, dtype=jnp.int32), jnp.int32(chunks - 1)
-  return Inputs(config, layer, slot_chunk, store.assign_slot(slot_chunk, chunk_index, config.memory), chunk_index,
-                q, k, v, gates)
+  held, chunk_index = jnp.arange(chunks, dtype=jnp.int32), jnp.int32(chunks - 1)
+  tables = store.SlotTables(full=held, recent=jnp.zeros((0,), jnp.int32), pooled=held)
+  return Inputs(config, layer, tables, store.assign(tables, chunk_index, config.memory), chunk_index, q, k, v, gates)
 
 
 class Recorder:
@@ -132,7 +133,7 @@ def bench_topk(inp: Inputs, record: Recorder, sweep: bool) -> dict:
   topk_fn = jax.jit(lambda s: jax.lax.top_k(s, top_k)[1])
   approx_fn = jax.jit(lambda s: jax.lax.approx_max_k(s, top_k, recall_target=0.95)[1])
   record("top_k_only", lambda: topk_fn(scores))
-  chunks, blocks_per_chunk = inp.slot_chunk.shape[0], config.blocks_per_chunk
+  chunks, blocks_per_chunk = inp.tables.full.shape[0], config.blocks_per_chunk
 
   def two_stage(s):  # per-chunk top-k, then top-k of the chunk winners (same set as one top_k)
     per_chunk = s.reshape(*s.shape[:-1], chunks, blocks_per_chunk)
@@ -216,9 +217,10 @@ def bench_segment_splits(inp: Inputs, recent: jax.Array, record: Recorder) -> No
   rows = lambda x: x.reshape(*x.shape[:2], -1, x.shape[-1])  # noqa: E731  (a store viewed as rows: free)
   tokens = config.tokens_per_chunk
   sliding = (rows(layer.k), rows(layer.v),
-             *attention.chunk_segments(inp.assigned, inp.chunk_index, recent, config.memory, tokens), tokens)
+             *attention.chunk_segments(inp.assigned.full, inp.chunk_index, recent,
+                                       lambda c: store.slot_of_chunk(c, config.memory), tokens), tokens)
   compressed = (layer.k_pooled, layer.v_pooled,
-                *attention.compressed_segments(inp.assigned, inp.chunk_index, config.blocks_per_chunk))
+                *attention.compressed_segments(inp.assigned.pooled, inp.chunk_index, config.blocks_per_chunk))
   scale = 1.0 / math.sqrt(config.head_dim)
   for splits in (1, 2, 3, 4):
     fn = jax.jit(functools.partial(segment_mosaic_gpu.segment_attention, scale=scale, splits=splits))
@@ -236,7 +238,7 @@ def bench_layer(inp: Inputs, record: Recorder, backends: Backends, all_xla: bool
     state = {"layer": jax.tree.map(jnp.copy, inp.layer)}
 
     def call():
-      out, state["layer"], _ = step(inp.q, inp.k, inp.v, state["layer"], inp.slot_chunk, inp.chunk_index,
+      out, state["layer"], _ = step(inp.q, inp.k, inp.v, state["layer"], inp.tables, inp.chunk_index,
                                     inp.gate_logits)
       return out
 
@@ -251,7 +253,7 @@ def bench_layer(inp: Inputs, record: Recorder, backends: Backends, all_xla: bool
 
 def bench_dense_full_history(inp: Inputs, record: Recorder) -> None:
   """Dense cuDNN attention of the chunk over the whole history (keys tokens-major, prepared once)."""
-  config, chunks = inp.config, inp.slot_chunk.shape[0]
+  config, chunks = inp.config, inp.tables.full.shape[0]
   full = lambda x: x.reshape(1, config.num_heads, chunks * config.tokens_per_chunk, config.head_dim  # noqa: E731
                              ).transpose(0, 2, 1, 3)
   full_k, full_v = full(inp.layer.k), full(inp.layer.v)

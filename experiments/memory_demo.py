@@ -70,20 +70,20 @@ def main(argv: list[str]) -> None:
   scenes = scene_features(config, _PLACES.value, _SEED.value)
   rng = np.random.default_rng(_SEED.value + 1)
   kv = store.init_store(config, batch_size=1, dtype=dtype)
-  layer, slot_chunk = store.layer_kv(kv.layers, 0), kv.slot_chunk
+  layer, tables = store.layer_kv(kv.layers, 0), kv.tables
   use_gates = memory.mode == "omnimem"
 
   traces = []
 
   @jax.jit
-  def step(layer, slot_chunk, chunk_index, q, k, v, gates):
+  def step(layer, tables, chunk_index, q, k, v, gates):
     traces.append(None)  # Python side effect: runs once per trace, not per call
-    out, layer, ids = chunk_self_attention(q, k, v, layer, slot_chunk, chunk_index, gates if use_gates else None,
+    out, layer, ids = chunk_self_attention(q, k, v, layer, tables, chunk_index, gates if use_gates else None,
                                            config)
-    slot_chunk = store.assign_slot(slot_chunk, chunk_index, memory)
+    tables = store.assign(tables, chunk_index, memory)
     if ids is None:
-      return out, layer, slot_chunk, jnp.full((1,), -1, jnp.int32)  # no retrieval outside omnimem mode
-    return out, layer, slot_chunk, select.retrieval_distances(ids, slot_chunk, chunk_index, config)
+      return out, layer, tables, jnp.full((1,), -1, jnp.int32)  # no retrieval outside omnimem mode
+    return out, layer, tables, select.retrieval_distances(ids, tables, chunk_index, config)
 
   print(f"{'chunk':>5} {'scene':>5} {'ms':>8} {'mean dist':>9} {'beyond win':>10} {'best same scene':>15}")
   rows = []
@@ -94,8 +94,8 @@ def main(argv: list[str]) -> None:
     v = rng.standard_normal(q.shape).astype(np.float32)
     gates = rng.standard_normal((*q.shape[:3], 3)).astype(np.float32)
     start = time.perf_counter()
-    out, layer, slot_chunk, distances = jax.block_until_ready(
-        step(layer, slot_chunk, jnp.int32(chunk), *(jnp.asarray(x, dtype) for x in (q, k, v, gates))))
+    out, layer, tables, distances = jax.block_until_ready(
+        step(layer, tables, jnp.int32(chunk), *(jnp.asarray(x, dtype) for x in (q, k, v, gates))))
     millis = 1e3 * (time.perf_counter() - start)
     if not np.isfinite(np.asarray(out, np.float32)).all():
       raise RuntimeError(f"non-finite attention output at chunk {chunk}")
