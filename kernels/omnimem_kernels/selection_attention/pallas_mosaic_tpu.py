@@ -100,7 +100,7 @@ def _kernel(*refs, fmt: str, heads: int, items_per_head: int, group_size: int, t
   k = kv_quant.decode(k_buf[slot].reshape(keys, k_buf.shape[-1]), fmt, q.dtype)  # exact; a no-op for plain blocks
   v = kv_quant.decode(v_buf[slot].reshape(keys, v_buf.shape[-1]), fmt, q.dtype)
   rows = q.shape[0]
-  per_key = lambda x: jnp.broadcast_to(x.reshape(listed, 1), (listed, block_rows)).reshape(1, keys)  # [1, listed] -> per key
+  per_key = lambda x: jnp.broadcast_to(x.reshape(listed, 1), (listed, block_rows)).reshape(1, keys)  # per block -> key
   s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                       preferred_element_type=jnp.float32) * scale
   if scale_refs:
