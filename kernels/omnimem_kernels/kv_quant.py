@@ -17,7 +17,7 @@ probabilities (`omnimem_kernels/selection_attention/pallas_triton.py`).
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Shaped
 
 FORMATS = ("bf16", "fp8", "int4")
@@ -78,7 +78,7 @@ def quantize(x: Float[Array, "*blocks bt d"],
   return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4), scale
 
 
-def decode(data: Shaped[Array, "*rows stored"], fmt: str, dtype: np.dtype) -> Shaped[Array, "*rows d"]:
+def decode(data: Shaped[Array, "*rows stored"], fmt: str, dtype: DTypeLike) -> Shaped[Array, "*rows d"]:
   """The unscaled codes of `data` as `dtype` (exact in bfloat16 and wider): fp8 values, or int4 codes
   -8..7 unpacked to [..., 2 * stored] in element order. Uses only ops the Pallas Triton lowering has
   (masks, shifts, a last-axis stack), so the kernels call it on loaded rows."""
