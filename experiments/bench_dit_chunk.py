@@ -13,6 +13,7 @@ JSON to --output (`omnimem_jax.benchmarking.write_report`: device, versions, com
   python experiments/bench_dit_chunk.py --preset=tiny --capacity=4 --output=/tmp/dit_chunk.json   # smoke run
 """
 
+import dataclasses
 import functools
 import json
 import time
