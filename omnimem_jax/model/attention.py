@@ -49,6 +49,7 @@ from omnimem_jax.memory.store import (
 
 GATE_ORDER = ("cmp", "slc", "swa")
 GATE_CLIP = 10.0
+SlotFn = Callable[[Int[Array, " n"]], Int[Array, " n"]]  # chunks -> a tier's slots
 
 
 def _resident_first(ids: Int[Array, " n"], resident: Bool[Array, " n"]) -> tuple[Int[Array, " n"], Bool[Array, " n"]]:
@@ -76,9 +77,6 @@ def attended_chunks(chunk_index: Int[Array, ""], memory: MemoryConfig) -> Int[Ar
   sink = jnp.arange(memory.pinned_chunks, dtype=jnp.int32)
   return jnp.concatenate([jnp.where(sink <= chunk_index, sink, -1),
                           jnp.where(recent >= memory.pinned_chunks, recent, -1)])
-
-
-SlotFn = Callable[[Int[Array, " n"]], Int[Array, " n"]]
 
 
 def _chunk_slots(slot_chunk: Int[Array, " slots"], chunk_index: Int[Array, ""], chunk_ids: Int[Array, " n"] | None,
