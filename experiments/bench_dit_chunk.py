@@ -61,7 +61,8 @@ def filled_store(config: ModelConfig, history: int, key: jax.Array) -> KVStore:
 
   held = jnp.where(jnp.arange(config.memory.capacity_chunks) < history,
                    jnp.arange(config.memory.capacity_chunks, dtype=jnp.int32), -1)
-  return KVStore(fill(store.layers), SlotTables(full=held, recent=store.tables.recent, pooled=held))
+  tables = SlotTables(full=held, recent=store.tables.recent, pooled=jnp.copy(held))  # own buffers: each is donated
+  return KVStore(fill(store.layers), tables)
 
 
 def chunk_flops(config: ModelConfig, history: int) -> float:
