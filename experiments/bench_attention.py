@@ -8,8 +8,8 @@ segment kernel, cuDNN and XLA), the whole layer (write + 3 branches + gates; wit
 with cuDNN dense branches, the XLA top-k, or XLA everywhere) and dense cuDNN attention over the full
 history. With `--kv_formats` (default fp8, int4) the selection branch and the whole layer are timed
 again over a compact store (`memory.store`: the full-resolution tier quantised, a plain recent ring),
-with the layer's and the selection branch's relative error against the bf16 store. Every branch is timed through the model's public functions (`model.attention`,
-`memory.select`) with the backend named per entry, compiled (never in Pallas interpret mode); an
+with the layer's and the selection branch's relative error against the bf16 store. Every branch is
+timed through the model's public functions (`model.attention`, `memory.select`) with the backend named per entry, compiled (never in Pallas interpret mode); an
 entry whose backend cannot run here (another platform) is recorded as unavailable, with the reason.
 Beside them, in the same run: measured copy bandwidth and bf16 matmul throughput, and the selection
 branch's no-reuse HBM floor (bytes it must read / measured bandwidth).
@@ -344,7 +344,8 @@ def bench_history(preset: str, chunks: int, reps: int, inner: int, sweep: bool, 
   bench_dense_full_history(inp, record)
   return {"chunks": chunks, "times": record.results, **stats, "dense_max_abs_vs_xla": dense_agreement,
           "compact_vs_bf16": compact,
-          "selection_floor_bytes": {fmt: selection_floor_bytes(inp.config, kv_format=fmt) for fmt in ("bf16", *kv_formats)},
+          "selection_floor_bytes": {fmt: selection_floor_bytes(inp.config, kv_format=fmt)
+                                    for fmt in ("bf16", *kv_formats)},
           "flops": branch_flops(inp.config, chunks)}
 
 

@@ -101,7 +101,8 @@ def main(argv: list[str]) -> None:
     evicted_share = jnp.sum(evicted) / jnp.maximum(jnp.sum(picked), 1)
     return out, layer, tables, select.retrieval_distances(ids, tables, chunk_index, config), evicted_share
 
-  print(f"{'chunk':>5} {'scene':>5} {'ms':>8} {'mean dist':>9} {'beyond win':>10} {'best same scene':>15} {'evicted':>7}")
+  print(f"{'chunk':>5} {'scene':>5} {'ms':>8} {'mean dist':>9} {'beyond win':>10} {'best same scene':>15} "
+        f"{'evicted':>7}")
   rows = []
   for chunk in range(_CHUNKS.value):
     place = chunk % _PLACES.value
