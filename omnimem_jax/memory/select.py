@@ -5,8 +5,8 @@ key (fp32, no softmax, no sum over heads); the candidates of chunk c are the blo
 0..c - exclude_window_chunks (all of 0..c while c < exclude_window_chunks with progressive
 exclusion) whose full-resolution K/V is still stored, and the top_k of them become pooled block ids,
 -1 where fewer candidates exist (docs/architecture.md, 'Selection and Adaptive Window Exclusion').
-This module holds the model's side (group means, candidates, retrieval statistics); the scoring and the top-k are the
-`omnimem_kernels.block_topk` op, which picks its backend.
+This module holds the model's side (group means, candidates, id mapping, retrieval statistics); the
+scoring and the top-k are the `omnimem_kernels.block_topk` op, which picks its backend.
 """
 
 from __future__ import annotations
