@@ -6,8 +6,10 @@ scoring + top-k (and its parts, plus `lax.approx_max_k`), the selection branch (
 Mosaic GPU kernels, the XLA gather reference), the compressed and sliding branches (the Mosaic GPU
 segment kernel, cuDNN and XLA), the whole layer (write + 3 branches + gates; with `--backends`, and
 with cuDNN dense branches, the XLA top-k, or XLA everywhere) and dense cuDNN attention over the full
-history. Every branch is timed through the model's public functions (`model.attention`,
-`memory.select`) with the backend named per entry, compiled (never in Pallas interpret mode); an
+history. With `--kv_formats` (default fp8, int4) the selection branch and the whole layer are timed
+again over a compact store (`memory.store`: the full-resolution tier quantised, a plain recent ring),
+with the layer's and the selection branch's relative error against the bf16 store. Every branch is
+timed through the model's public functions (`model.attention`, `memory.select`) with the backend named per entry, compiled (never in Pallas interpret mode); an
 entry whose backend cannot run here (another platform) is recorded as unavailable, with the reason.
 Beside them, in the same run: measured copy bandwidth and bf16 matmul throughput, and the selection
 branch's no-reuse HBM floor (bytes it must read / measured bandwidth).
@@ -33,6 +35,7 @@ import numpy as np
 from absl import app, flags
 
 from omnimem_kernels import dispatch
+from omnimem_kernels import kv_quant
 from omnimem_kernels.backends import Backends
 from omnimem_kernels.block_topk import pallas_triton as block_topk_triton
 from omnimem_kernels.masked_attention import masked_attention
@@ -51,6 +54,8 @@ _OUT = flags.DEFINE_string("out", "benchmarks/results/bench_attention", "Output 
 _SWEEP = flags.DEFINE_list("sweep_chunks", [], "Histories at which to also sweep the Triton kernels' launch "
                            "parameters and the segment kernel's key splits.")
 _SKIP_XLA_ABOVE = flags.DEFINE_integer("skip_xla_above", 80, "Skip the all-XLA layer above this many chunks.")
+_KV_FORMATS = flags.DEFINE_multi_enum("kv_formats", ["fp8", "int4"], ["fp8", "int4"],
+                                      "Compact store formats to time and compare with bf16.")
 _BACKENDS = flags.DEFINE_string("backends", "", "Backend per op of the 'layer' entry, e.g. 'selection=triton,"
                                 "dense=mosaic_gpu' (omnimem_kernels.backends.Backends.parse; default: per platform).")
 
@@ -65,8 +70,8 @@ class Inputs:
 
   config: ModelConfig
   layer: store.LayerKV
-  slot_chunk: jax.Array  # before the call (chunk c not yet assigned)
-  assigned: jax.Array  # after `store.assign_slot` of chunk c
+  tables: store.SlotTables  # before the call (chunk c not yet assigned)
+  assigned: store.SlotTables  # after `store.assign` of chunk c
   chunk_index: jax.Array
   q: jax.Array  # [b, n, h, d]
   k: jax.Array
@@ -88,13 +93,34 @@ def make_inputs(preset: str, chunks: int, seed: int = 0) -> Inputs:
   v_store = jax.random.normal(keys[1], shape, jnp.bfloat16)
   block_view = (1, config.num_heads, chunks * config.blocks_per_chunk, config.memory.block_tokens, config.head_dim)
   pooled = lambda x: x.reshape(block_view).astype(jnp.float32).mean(axis=3).astype(jnp.bfloat16)  # noqa: E731
-  layer = store.LayerKV(k_store, v_store, pooled(k_store), pooled(v_store))
+  empty = store.layer_kv(store.init_store(config, 1, num_layers=1).layers, 0)
+  layer = dataclasses.replace(empty, k=k_store, v=v_store, k_pooled=pooled(k_store), v_pooled=pooled(v_store))
   token_shape = (1, config.tokens_per_chunk, config.num_heads, config.head_dim)
   q, k, v = (jax.random.normal(key, token_shape, jnp.bfloat16) for key in keys[2:5])
   gates = jax.random.normal(keys[5], (*token_shape[:3], 3), jnp.float32)
-  slot_chunk, chunk_index = jnp.arange(chunks, dtype=jnp.int32), jnp.int32(chunks - 1)
-  return Inputs(config, layer, slot_chunk, store.assign_slot(slot_chunk, chunk_index, config.memory), chunk_index,
-                q, k, v, gates)
+  held, chunk_index = jnp.arange(chunks, dtype=jnp.int32), jnp.int32(chunks - 1)
+  tables = store.SlotTables(full=held, recent=jnp.zeros((0,), jnp.int32), pooled=held)
+  return Inputs(config, layer, tables, store.assign(tables, chunk_index, config.memory), chunk_index, q, k, v, gates)
+
+
+def compact_inputs(inp: Inputs, kv_format: str) -> Inputs:
+  """The same history in a compact store: the full-resolution tier quantised per block and head, the
+  last window_chunks chunks plain in the recent ring (at slot chunk mod window), pooled K/V as is."""
+  config = inp.config
+  chunks, window = inp.tables.full.shape[0], config.memory.window_chunks
+  blocks = (1, config.num_heads, -1, config.memory.block_tokens, config.head_dim)
+  empty = store.layer_kv(store.init_store(config, 1, num_layers=1, kv_format=kv_format).layers, 0)
+  fields = {}
+  for name in ("k", "v"):
+    plain = getattr(inp.layer, name)
+    data, scale = kv_quant.quantize(plain.reshape(blocks), kv_format)
+    recent = np.arange(chunks - window, chunks)
+    ring = recent[np.argsort(recent % window)]  # ring slot r holds the recent chunk x with x mod window = r
+    fields.update({name: data.reshape(getattr(empty, name).shape), f"{name}_scale": scale.reshape(empty.k_scale.shape),
+                   f"{name}_recent": plain[:, :, ring], f"{name}_pooled": getattr(inp.layer, f"{name}_pooled")})
+  tables = dataclasses.replace(inp.tables, recent=jnp.asarray(ring, jnp.int32))
+  return dataclasses.replace(inp, layer=dataclasses.replace(empty, **fields), tables=tables,
+                             assigned=store.assign(tables, inp.chunk_index, config.memory))
 
 
 class Recorder:
@@ -132,7 +158,7 @@ def bench_topk(inp: Inputs, record: Recorder, sweep: bool) -> dict:
   topk_fn = jax.jit(lambda s: jax.lax.top_k(s, top_k)[1])
   approx_fn = jax.jit(lambda s: jax.lax.approx_max_k(s, top_k, recall_target=0.95)[1])
   record("top_k_only", lambda: topk_fn(scores))
-  chunks, blocks_per_chunk = inp.slot_chunk.shape[0], config.blocks_per_chunk
+  chunks, blocks_per_chunk = inp.tables.full.shape[0], config.blocks_per_chunk
 
   def two_stage(s):  # per-chunk top-k, then top-k of the chunk winners (same set as one top_k)
     per_chunk = s.reshape(*s.shape[:-1], chunks, blocks_per_chunk)
@@ -216,9 +242,10 @@ def bench_segment_splits(inp: Inputs, recent: jax.Array, record: Recorder) -> No
   rows = lambda x: x.reshape(*x.shape[:2], -1, x.shape[-1])  # noqa: E731  (a store viewed as rows: free)
   tokens = config.tokens_per_chunk
   sliding = (rows(layer.k), rows(layer.v),
-             *attention.chunk_segments(inp.assigned, inp.chunk_index, recent, config.memory, tokens), tokens)
+             *attention.chunk_segments(inp.assigned.full, inp.chunk_index, recent,
+                                       lambda c: store.slot_of_chunk(c, config.memory), tokens), tokens)
   compressed = (layer.k_pooled, layer.v_pooled,
-                *attention.compressed_segments(inp.assigned, inp.chunk_index, config.blocks_per_chunk))
+                *attention.compressed_segments(inp.assigned.pooled, inp.chunk_index, config.blocks_per_chunk))
   scale = 1.0 / math.sqrt(config.head_dim)
   for splits in (1, 2, 3, 4):
     fn = jax.jit(functools.partial(segment_mosaic_gpu.segment_attention, scale=scale, splits=splits))
@@ -226,32 +253,58 @@ def bench_segment_splits(inp: Inputs, recent: jax.Array, record: Recorder) -> No
     record(f"compressed_mosaic_gpu_splits{splits}", lambda fn=fn: fn(inp.q, *compressed))
 
 
-def bench_layer(inp: Inputs, record: Recorder, backends: Backends, all_xla: bool) -> None:
+def time_layer(inp: Inputs, record: Recorder, name: str, backends: Backends) -> None:
   """The whole layer (write + scores + top-k + three branches + gates); the store is donated and
   carried from call to call, as in the DiT."""
+  step = jax.jit(lambda q, k, v, lay, sc, c, g: attention.chunk_self_attention(
+      q, k, v, lay, sc, c, g, inp.config, backends=backends), donate_argnums=(3,))
+  state = {"layer": jax.tree.map(jnp.copy, inp.layer)}
 
-  def entry(name: str, entry_backends: Backends) -> None:
-    step = jax.jit(lambda q, k, v, lay, sc, c, g: attention.chunk_self_attention(
-        q, k, v, lay, sc, c, g, inp.config, backends=entry_backends), donate_argnums=(3,))
-    state = {"layer": jax.tree.map(jnp.copy, inp.layer)}
+  def call():
+    out, state["layer"], _ = step(inp.q, inp.k, inp.v, state["layer"], inp.tables, inp.chunk_index, inp.gate_logits)
+    return out
 
-    def call():
-      out, state["layer"], _ = step(inp.q, inp.k, inp.v, state["layer"], inp.slot_chunk, inp.chunk_index,
-                                    inp.gate_logits)
-      return out
+  record(name, call)
 
-    record(name, call)
 
-  entry("layer", backends)
-  entry("layer_cudnn_dense", dataclasses.replace(backends, dense="cudnn"))
-  entry("layer_xla_topk", dataclasses.replace(backends, topk="xla"))
+def bench_layer(inp: Inputs, record: Recorder, backends: Backends, all_xla: bool) -> None:
+  """The whole layer per backend choice (`time_layer`)."""
+  time_layer(inp, record, "layer", backends)
+  time_layer(inp, record, "layer_cudnn_dense", dataclasses.replace(backends, dense="cudnn"))
+  time_layer(inp, record, "layer_xla_topk", dataclasses.replace(backends, topk="xla"))
   if all_xla:
-    entry("layer_all_xla", Backends(selection="xla", topk="xla", dense="xla"))
+    time_layer(inp, record, "layer_all_xla", Backends(selection="xla", topk="xla", dense="xla"))
+
+
+def bench_compact(inp: Inputs, record: Recorder, backends: Backends, kv_format: str) -> dict[str, float]:
+  """The selection branch (per backend) and the whole layer over a compact store; returns the relative
+  error of the selection branch and of the layer output against the bf16 store's (same ids)."""
+  config, compact = inp.config, compact_inputs(inp, kv_format)
+  ids = select.select_blocks(inp.q_heads, inp.layer.k_pooled, inp.assigned, inp.chunk_index, config,
+                             implementation="xla")
+  ids = select.full_resolution_ids(ids, inp.assigned, config)
+  view = lambda x: x.reshape(1, config.num_heads, -1, config.memory.block_tokens, x.shape[-1])  # noqa: E731
+  blocks = {fmt: (view(x.layer.k), view(x.layer.v)) for fmt, x in (("bf16", inp), (kv_format, compact))}
+  scales = {"bf16": {}, kv_format: dict(k_scale=compact.layer.k_scale.reshape(1, config.num_heads, -1),
+                                        v_scale=compact.layer.v_scale.reshape(1, config.num_heads, -1))}
+  selections = {fmt: jax.jit(lambda q, i, fmt=fmt: selection_attention(q, *blocks[fmt], i, **scales[fmt],
+                                                                      implementation="xla")[0]) for fmt in blocks}
+  for name in SELECTION_BACKENDS:
+    fn = jax.jit(lambda q, i, name=name: selection_attention(q, *blocks[kv_format], i, **scales[kv_format],
+                                                              implementation=name, interpret=False)[0])
+    record(f"selection_{name}_{kv_format}", lambda fn=fn: fn(inp.q_heads, ids))
+  time_layer(compact, record, f"layer_{kv_format}", backends)
+  step = jax.jit(lambda *args: attention.chunk_self_attention(*args, config, backends=backends)[0])
+  layer = lambda x: step(x.q, x.k, x.v, x.layer, x.tables, x.chunk_index, x.gate_logits)  # noqa: E731
+  error = lambda got, want: float(jnp.linalg.norm((got - want).astype(jnp.float32))  # noqa: E731
+                                  / jnp.linalg.norm(want.astype(jnp.float32)))
+  return {"selection_rel_err": error(selections[kv_format](inp.q_heads, ids), selections["bf16"](inp.q_heads, ids)),
+          "layer_rel_err": error(layer(compact), layer(inp))}
 
 
 def bench_dense_full_history(inp: Inputs, record: Recorder) -> None:
   """Dense cuDNN attention of the chunk over the whole history (keys tokens-major, prepared once)."""
-  config, chunks = inp.config, inp.slot_chunk.shape[0]
+  config, chunks = inp.config, inp.tables.full.shape[0]
   full = lambda x: x.reshape(1, config.num_heads, chunks * config.tokens_per_chunk, config.head_dim  # noqa: E731
                              ).transpose(0, 2, 1, 3)
   full_k, full_v = full(inp.layer.k), full(inp.layer.v)
@@ -259,10 +312,14 @@ def bench_dense_full_history(inp: Inputs, record: Recorder) -> None:
   record("dense_full_history_cudnn", lambda: dense_fn(inp.q, full_k, full_v))
 
 
-def selection_floor_bytes(config: ModelConfig, batch: int = 1) -> int:
-  """K+V bytes the selection branch must read if no block is reused: every (group, head) reads its own."""
+def selection_floor_bytes(config: ModelConfig, batch: int = 1, kv_format: str = "bf16") -> int:
+  """K+V bytes the selection branch must read if no block is reused: every (group, head) reads its own
+  blocks (and, from a compact store, their two f32 scales)."""
   m = config.memory
-  return batch * config.num_heads * config.groups_per_chunk * m.top_k * m.block_tokens * config.head_dim * 2 * 2
+  reads = batch * config.num_heads * config.groups_per_chunk * m.top_k
+  element_bits = {"bf16": 16, "fp8": 8, "int4": 4}[kv_format]
+  scale_bytes = 0 if kv_format == "bf16" else 2 * 4
+  return reads * (2 * m.block_tokens * config.head_dim * element_bits // 8 + scale_bytes)
 
 
 def branch_flops(config: ModelConfig, chunks: int) -> dict[str, int]:
@@ -274,7 +331,7 @@ def branch_flops(config: ModelConfig, chunks: int) -> dict[str, int]:
 
 
 def bench_history(preset: str, chunks: int, reps: int, inner: int, sweep: bool, skip_xla_above: int,
-                  backends: Backends) -> dict:
+                  backends: Backends, kv_formats: list[str]) -> dict:
   """Every timed entry for one history length, in ms per layer call."""
   inp = make_inputs(preset, chunks)
   record = Recorder(chunks, reps, inner)
@@ -282,9 +339,14 @@ def bench_history(preset: str, chunks: int, reps: int, inner: int, sweep: bool, 
   bench_selection(inp, record, sweep)
   dense_agreement = bench_dense(inp, record, sweep)
   bench_layer(inp, record, backends, all_xla=chunks <= skip_xla_above)
+  compact = {fmt: bench_compact(inp, record, backends, fmt) for fmt in kv_formats}
+  print(f"  compact store vs bf16 (relative error): {compact}", flush=True)
   bench_dense_full_history(inp, record)
   return {"chunks": chunks, "times": record.results, **stats, "dense_max_abs_vs_xla": dense_agreement,
-          "selection_floor_bytes": selection_floor_bytes(inp.config), "flops": branch_flops(inp.config, chunks)}
+          "compact_vs_bf16": compact,
+          "selection_floor_bytes": {fmt: selection_floor_bytes(inp.config, kv_format=fmt)
+                                    for fmt in ("bf16", *kv_formats)},
+          "flops": branch_flops(inp.config, chunks)}
 
 
 def floors(entry: dict, ceiling: dict, config: ModelConfig) -> dict[str, float]:
@@ -294,7 +356,9 @@ def floors(entry: dict, ceiling: dict, config: ModelConfig) -> dict[str, float]:
   kv_bytes = 2 * 2 * config.num_heads * config.head_dim  # K and V, bf16, per token
   flops = entry["flops"]
   out = {
-      "selection_ms": max(entry["selection_floor_bytes"] / bw, flops["selection"] / peak) * 1e3,
+      "selection_ms": max(entry["selection_floor_bytes"]["bf16"] / bw, flops["selection"] / peak) * 1e3,
+      **{f"selection_{fmt}_ms": max(floor / bw, flops["selection"] / peak) * 1e3
+         for fmt, floor in entry["selection_floor_bytes"].items() if fmt != "bf16"},
       "compressed_ms": max(chunks * blocks * kv_bytes / bw, flops["compressed"] / peak) * 1e3,
       "sliding_ms": max(config.memory.window_chunks * tokens * kv_bytes / bw, flops["sliding"] / peak) * 1e3,
       "score_topk_ms": chunks * blocks * kv_bytes / 2 / bw * 1e3,  # read the pooled keys once
@@ -342,7 +406,8 @@ def print_table(histories: list[dict]) -> None:
   columns = {"layer": "layer", "layer_cudnn_dense": "lay_cudnn", "dense_full_history_cudnn": "dense",
              "selection_triton": "sel_tri", "selection_mosaic_gpu": "sel_mgpu", "selection_xla": "sel_xla",
              "score_topk_triton": "topk", "score_topk_xla": "topk_xla", "compressed_mosaic_gpu": "cmp_mgpu",
-             "compressed_cudnn": "cmp_cudnn", "sliding_mosaic_gpu": "swa_mgpu", "sliding_cudnn": "swa_cudnn"}
+             "compressed_cudnn": "cmp_cudnn", "sliding_mosaic_gpu": "swa_mgpu", "sliding_cudnn": "swa_cudnn",
+             "selection_triton_fp8": "sel_fp8", "selection_triton_int4": "sel_int4", "layer_fp8": "lay_fp8"}
   print(f"{'chunks':>6} " + " ".join(f"{c:>9}" for c in columns.values()) + f" {'x dense':>8} {'sel_floor':>9}")
   for e in histories:
     t = {k: v.get("median_ms", float("nan")) for k, v in e["times"].items()}
@@ -361,7 +426,7 @@ def main(argv):
   histories = []
   for chunks in map(int, _CHUNKS.value):
     entry = bench_history(_PRESET.value, chunks, _REPS.value, _INNER.value, str(chunks) in _SWEEP.value,
-                          _SKIP_XLA_ABOVE.value, backends)
+                          _SKIP_XLA_ABOVE.value, backends, _KV_FORMATS.value)
     entry["floors"] = floors(entry, ceiling, config)
     histories.append(entry)
   report = {

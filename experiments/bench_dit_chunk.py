@@ -13,6 +13,7 @@ JSON to --output (`omnimem_jax.benchmarking.write_report`: device, versions, com
   python experiments/bench_dit_chunk.py --preset=tiny --capacity=4 --output=/tmp/dit_chunk.json   # smoke run
 """
 
+import dataclasses
 import functools
 import json
 import time
@@ -27,7 +28,7 @@ from omnimem_kernels import dispatch
 from omnimem_kernels.backends import Backends
 from omnimem_jax import benchmarking, environment
 from omnimem_jax.config import ModelConfig
-from omnimem_jax.memory.store import KVStore, LayerKV, init_store, layer_kv
+from omnimem_jax.memory.store import KVStore, LayerKV, SlotTables, init_store, layer_kv
 from omnimem_jax.model.wan import CausalWanModel, count_parameters
 
 _MODES = flags.DEFINE_list("modes", ["omnimem", "window"], "Attention modes to time.")
@@ -52,14 +53,16 @@ def filled_store(config: ModelConfig, history: int, key: jax.Array) -> KVStore:
       v = jax.random.normal(jax.random.fold_in(key, 2 * index + 1), layer.v.shape, jnp.bfloat16)
       shape = (*k.shape[:-2], config.blocks_per_chunk, config.memory.block_tokens, config.head_dim)
       pool = lambda x: x.reshape(shape).mean(-2, dtype=jnp.float32).reshape(layer.k_pooled.shape)  # noqa: E731
-      new = LayerKV(k, v, pool(k).astype(jnp.bfloat16), pool(v).astype(jnp.bfloat16))
+      new = dataclasses.replace(layer, k=k, v=v, k_pooled=pool(k).astype(jnp.bfloat16),
+                                v_pooled=pool(v).astype(jnp.bfloat16))
       return jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n, index, 2), layers, new)
 
     return jax.lax.fori_loop(0, config.num_layers, one_layer, layers)
 
-  slot_chunk = jnp.where(jnp.arange(config.memory.capacity_chunks) < history,
-                         jnp.arange(config.memory.capacity_chunks, dtype=jnp.int32), -1)
-  return KVStore(fill(store.layers), slot_chunk)
+  held = jnp.where(jnp.arange(config.memory.capacity_chunks) < history,
+                   jnp.arange(config.memory.capacity_chunks, dtype=jnp.int32), -1)
+  tables = SlotTables(full=held, recent=store.tables.recent, pooled=jnp.copy(held))  # own buffers: each is donated
+  return KVStore(fill(store.layers), tables)
 
 
 def chunk_flops(config: ModelConfig, history: int) -> float:

@@ -72,8 +72,11 @@ class MemoryConfig:
     progressive_exclude: while c < exclude_window_chunks, keep all chunks 0..c as candidates instead
       of leaving none (official commit ca257ceb semantics).
     frames_per_chunk: latent frames generated per chunk.
-    capacity_chunks: chunk slots in the KV store. A rollout longer than this reuses the oldest slot
-      (a ring); keep it >= the number of chunks for full-history retrieval.
+    capacity_chunks: chunk slots of the KV store's full-resolution tier. A rollout longer than this
+      reuses the oldest slot (a ring); keep it >= the number of chunks for full-history retrieval.
+    pooled_chunks: chunks whose pooled K/V the store keeps (a ring past that), read by the compressed
+      branch and the top-k; None: capacity_chunks. At most 1/block_tokens of a chunk's full-resolution
+      bytes, so keeping the whole video costs little (`generate.py` does).
     local_attn_frames: frames attended by the "window" / "sink_window" baselines (LongLive's
       `local_attn_size`; it includes the sink frames).
     sink_frames: leading frames always attended in "sink_window" mode (their slots are pinned).
@@ -91,6 +94,7 @@ class MemoryConfig:
   progressive_exclude: bool = True
   frames_per_chunk: int = 3
   capacity_chunks: int = 80
+  pooled_chunks: int | None = None
   local_attn_frames: int = 12
   sink_frames: int = 3
   debug_checks: bool = False
@@ -117,6 +121,10 @@ class MemoryConfig:
     _require(self.capacity_chunks >= self.min_capacity_chunks, "capacity_chunks",
              f"must be >= {self.min_capacity_chunks} in {self.mode} mode so that ring reuse never evicts a chunk "
              f"of the attention window, got {self.capacity_chunks}")
+    _require(self.pooled_chunks is None or (isinstance(self.pooled_chunks, int) and not isinstance(
+        self.pooled_chunks, bool) and self.pooled_chunks >= self.capacity_chunks), "pooled_chunks",
+             f"must be None or an integer >= capacity_chunks={self.capacity_chunks} (the pooled tier covers at least "
+             f"the full-resolution one), got {self.pooled_chunks!r}")
 
   @property
   def block_tokens(self) -> int:
@@ -137,6 +145,11 @@ class MemoryConfig:
     if self.mode == "sink_window":
       return (self.local_attn_frames - self.sink_frames) // self.frames_per_chunk
     return 1
+
+  @property
+  def pooled_slots(self) -> int:
+    """Chunks of the pooled tier (`pooled_chunks`, default capacity_chunks)."""
+    return self.capacity_chunks if self.pooled_chunks is None else self.pooled_chunks
 
   @property
   def min_capacity_chunks(self) -> int:
@@ -269,10 +282,10 @@ PRESETS: dict[str, Callable[..., ModelConfig]] = {
 
 
 def store_bytes(config: ModelConfig, batch_size: int, bytes_per_element: int = 2) -> int:
-  """Bytes of the KV store (full-resolution K/V plus pooled K/V, all layers)."""
-  per_slot = config.tokens_per_chunk + config.blocks_per_chunk
-  elements = 2 * config.num_layers * batch_size * config.dim * config.memory.capacity_chunks * per_slot
-  return elements * bytes_per_element
+  """Bytes of a plain KV store (full-resolution K/V plus pooled K/V, all layers)."""
+  memory = config.memory
+  rows = memory.capacity_chunks * config.tokens_per_chunk + memory.pooled_slots * config.blocks_per_chunk
+  return 2 * config.num_layers * batch_size * config.dim * rows * bytes_per_element
 
 
 @dataclasses.dataclass(frozen=True)

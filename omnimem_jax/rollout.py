@@ -62,7 +62,9 @@ class RolloutConfig:
   Attributes:
     sampler: the few-step schedule.
     batch_size: videos generated together (one prompt each).
-    store_dtype: dtype of the KV store.
+    store_dtype: dtype of the KV store's plain tiers.
+    kv_format: the full-resolution tier's format: "bf16" (plain, at store_dtype), or compact "fp8" /
+      "int4" (omnimem mode; `memory.store`).
     retrieval: omnimem mode: also return, per chunk and layer, how many selected blocks lie 0, 1, ...
       chunks back (from the block ids the attention selected).
     backends: the backend of each attention op (`omnimem_kernels.backends`).
@@ -72,6 +74,7 @@ class RolloutConfig:
   sampler: SamplerConfig = SamplerConfig()
   batch_size: int = 1
   store_dtype: jnp.dtype = jnp.dtype(jnp.bfloat16)
+  kv_format: str = "bf16"
   retrieval: bool = False
   backends: Backends = Backends()
   noise: NoiseFn = gaussian_noise
@@ -118,7 +121,7 @@ def initial_state(model: CausalWanModel, config: RolloutConfig, key: jax.Array, 
                   store: KVStore | None = None) -> RolloutState:
   """A state at chunk 0 (with an empty store unless one is given), keeping `recache_chunks` recent chunks."""
   if store is None:
-    store = kv_store.init_store(model.config, config.batch_size, config.store_dtype)
+    store = kv_store.init_store(model.config, config.batch_size, config.store_dtype, kv_format=config.kv_format)
   return RolloutState(store=store, key=key, next_chunk=jnp.int32(0),
                       recent=jnp.zeros((recache_chunks, *chunk_shape(model, config.batch_size)), jnp.float32),
                       recent_chunks=jnp.full((recache_chunks,), -1, jnp.int32), nonfinite_chunk=jnp.int32(-1))
@@ -220,7 +223,7 @@ def recache(model: CausalWanModel, state: RolloutState, cross: CrossKV, config: 
 
   def one_chunk(store, item):
     x0, chunk_index = item
-    held = (chunk_index >= 0) & (store.slot_chunk[kv_store.slot_of_chunk(chunk_index, memory)] == chunk_index)
+    held = kv_store.resident(store.tables, chunk_index, memory)
     store = jax.lax.cond(held, lambda s: context_pass(model, s, cross, x0, chunk_index, config), lambda s: s, store)
     return store, None
 
@@ -246,7 +249,8 @@ class Rollout:
   """
 
   def __init__(self, model: CausalWanModel, sampler: SamplerConfig = SamplerConfig(), *, batch_size: int = 1,
-               store_dtype: Any = jnp.bfloat16, retrieval: bool = False, backends: Backends = Backends(),
+               store_dtype: Any = jnp.bfloat16, kv_format: str = "bf16", retrieval: bool = False,
+               backends: Backends = Backends(),
                mesh: Mesh | None = None, noise: NoiseFn = gaussian_noise):
     """`mesh` (from `sharding.make_mesh`): place the model's parameters on it (in place) and shard the
     store by heads over "model" and the batch over "data"; default: the ("data", "model") mesh the
@@ -257,8 +261,9 @@ class Rollout:
       sharding.make_mesh(mesh.shape["data"], mesh.shape["model"], config=model.config, batch_size=batch_size,
                          devices=mesh.devices.flat)  # validates heads / batch divisibility
       sharding.shard_module(model, mesh)
+    kv_store.check_format(model.config.memory, kv_format)
     self.config = RolloutConfig(sampler=sampler, batch_size=batch_size, store_dtype=jnp.dtype(store_dtype),
-                                retrieval=retrieval, backends=backends, noise=noise)
+                                kv_format=kv_format, retrieval=retrieval, backends=backends, noise=noise)
     self.model = model
     self.mesh = sharding.module_mesh(model) if mesh is None else mesh
     self.state: RolloutState | None = None  # the last `stream`'s state

@@ -27,7 +27,7 @@ def chunk_inputs(config, seed, batch=2):
 
 def empty_layer(config, batch=2, dtype=jnp.float32):
   kv = store.init_store(config, batch, dtype, num_layers=1)
-  return store.layer_kv(kv.layers, 0), kv.slot_chunk
+  return store.layer_kv(kv.layers, 0), kv.tables
 
 
 @pytest.mark.parametrize("mode", ["omnimem", "window", "sink_window", "dense"])
@@ -36,14 +36,14 @@ def test_step_compiles_once_as_the_chunk_index_grows(mode):
 
   @jax.jit
   @chex.assert_max_traces(n=1)
-  def step(q, k, v, layer, slot_chunk, chunk_index, gates):
-    out, layer, _ = chunk_self_attention(q, k, v, layer, slot_chunk, chunk_index, gates, config)
-    return out, layer, store.assign_slot(slot_chunk, chunk_index, config.memory)
+  def step(q, k, v, layer, tables, chunk_index, gates):
+    out, layer, _ = chunk_self_attention(q, k, v, layer, tables, chunk_index, gates, config)
+    return out, layer, store.assign(tables, chunk_index, config.memory)
 
-  layer, slot_chunk = empty_layer(config)
+  layer, tables = empty_layer(config)
   for chunk in range(7):
     q, k, v, gates = chunk_inputs(config, chunk)
-    out, layer, slot_chunk = step(q, k, v, layer, slot_chunk, jnp.int32(chunk), gates if mode == "omnimem" else None)
+    out, layer, tables = step(q, k, v, layer, tables, jnp.int32(chunk), gates if mode == "omnimem" else None)
     assert np.isfinite(np.asarray(out)).all()
   chex.clear_trace_counter()
 
@@ -54,12 +54,12 @@ def test_bf16_store_and_activations(mode):
   config = tiny(mode=mode)
   results = {}
   for dtype in (jnp.float32, jnp.bfloat16):
-    layer, slot_chunk = empty_layer(config, dtype=dtype)
+    layer, tables = empty_layer(config, dtype=dtype)
     for chunk in range(5):
       q, k, v, gates = (x.astype(dtype) for x in chunk_inputs(config, chunk))
       gates = gates if mode == "omnimem" else None
-      out, layer, _ = chunk_self_attention(q, k, v, layer, slot_chunk, chunk, gates, config)
-      slot_chunk = store.assign_slot(slot_chunk, chunk, config.memory)
+      out, layer, _ = chunk_self_attention(q, k, v, layer, tables, chunk, gates, config)
+      tables = store.assign(tables, chunk, config.memory)
     assert out.dtype == dtype and layer.k.dtype == dtype and layer.k_pooled.dtype == dtype
     assert np.isfinite(np.asarray(out, np.float32)).all()
     results[dtype] = np.asarray(out, np.float32)
@@ -75,7 +75,8 @@ def test_bf16_store_and_activations(mode):
     (lambda a: {**a, "q": a["q"][:1]}, "q, k, v batch sizes differ"),
     (lambda a: {**a, "layer": jax.tree.map(lambda x: x[:, :2], a["layer"])}, r"store field k must be \[batch, 4 heads"),
     (lambda a: {**a, "layer": jax.tree.map(lambda x: x[:1], a["layer"])}, "store batch 1 != query batch 2"),
-    (lambda a: {**a, "slot_chunk": a["slot_chunk"][:3]}, r"slot_chunk must be \[8\]"),
+    (lambda a: {**a, "tables": store.SlotTables(a["tables"].full[:3], a["tables"].recent, a["tables"].pooled)},
+     r"slot table full must be \[8\]"),
     (lambda a: {**a, "chunk_index": jnp.array([1, 2])}, "chunk_index must be a scalar"),
     (lambda a: {**a, "chunk_index": -1}, "chunk_index must be >= 0"),
     (lambda a: {**a, "gate_logits": None}, "omnimem mode needs gate_logits of shape"),
@@ -86,8 +87,8 @@ def test_bf16_store_and_activations(mode):
 def test_bad_inputs_raise_clear_errors(change, match):
   config = tiny()
   q, k, v, gates = chunk_inputs(config, 0)
-  layer, slot_chunk = empty_layer(config)
-  args = dict(q=q, k=k, v=v, layer=layer, slot_chunk=slot_chunk, chunk_index=0, gate_logits=gates, config=config)
+  layer, tables = empty_layer(config)
+  args = dict(q=q, k=k, v=v, layer=layer, tables=tables, chunk_index=0, gate_logits=gates, config=config)
   with pytest.raises(ValueError, match=match):
     chunk_self_attention(**change(args))
 
@@ -98,15 +99,15 @@ def test_debug_checks_reach_the_selection_kernel_under_jit(monkeypatch):
 
   config = tiny(debug_checks=True, capacity_chunks=4)
   q, k, v, gates = chunk_inputs(config, 1)
-  layer, slot_chunk = empty_layer(config)
+  layer, tables = empty_layer(config)
   step = checkify.checkify(jax.jit(lambda *a: chunk_self_attention(*a, config)[0]))
-  error, _ = step(q, k, v, layer, slot_chunk, jnp.int32(1), gates)
-  error.throw()  # the ids select_blocks makes are in range
+  error, _ = step(q, k, v, layer, tables, jnp.int32(1), gates)
+  error.throw()  # the ids handed to the kernel are in range
   num_blocks = config.memory.capacity_chunks * config.blocks_per_chunk
-  original = attention.select_blocks
-  monkeypatch.setattr(attention, "select_blocks", lambda *args, **kwargs: original(*args, **kwargs) + num_blocks)
+  original = attention.full_resolution_ids
+  monkeypatch.setattr(attention, "full_resolution_ids", lambda *args: original(*args) + num_blocks)
   step = checkify.checkify(jax.jit(lambda *a: chunk_self_attention(*a, config)[0]))
-  error, _ = step(q, k, v, layer, slot_chunk, jnp.int32(1), gates)
+  error, _ = step(q, k, v, layer, tables, jnp.int32(1), gates)
   with pytest.raises(checkify.JaxRuntimeError, match=r"block ids must lie in \[-1, 96\)"):
     error.throw()
 
@@ -119,13 +120,14 @@ def test_stacked_store_in_place_equals_one_layer_store(mode):
   rng = np.random.default_rng(3)
   stacked = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
                          store.init_store(config, 2, jnp.float32, num_layers=3).layers)
-  slot_chunk = jnp.array([4, 1, 2, 3], jnp.int32)  # chunk 5 reuses slot 1; chunk 0 was evicted
+  held = jnp.array([4, 1, 2, 3], jnp.int32)  # chunk 5 reuses slot 1; chunk 0 was evicted
+  tables = store.SlotTables(full=held, recent=jnp.zeros((0,), jnp.int32), pooled=held)
   q, k, v, gates = chunk_inputs(config, seed=9)
   gates = gates if mode == "omnimem" else None
   with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: eager and jitted orders must agree
-    expected_out, expected_layer, expected_ids = chunk_self_attention(q, k, v, store.layer_kv(stacked, 2), slot_chunk,
+    expected_out, expected_layer, expected_ids = chunk_self_attention(q, k, v, store.layer_kv(stacked, 2), tables,
                                                                       5, gates, config)
-    out, layers, ids = jax.jit(lambda s: chunk_self_attention(q, k, v, s, slot_chunk, 5, gates, config,
+    out, layers, ids = jax.jit(lambda s: chunk_self_attention(q, k, v, s, tables, 5, gates, config,
                                                               layer_index=jnp.int32(2)))(stacked)
   np.testing.assert_allclose(out, expected_out, rtol=1e-6, atol=1e-6)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # noqa: E731 (jit vs eager pooling)

@@ -25,7 +25,7 @@ from omnimem_jax.memory import store as store_lib
 from omnimem_jax.memory.select import select_blocks
 from omnimem_jax.model.attention import chunk_self_attention
 from tests import oracle
-from tests.configs import tiny
+from tests.configs import plain_tables, tiny
 
 REL_TOL = 1e-5
 TIE_TOL = 1e-5  # score gaps below this may order either way in float32
@@ -102,12 +102,12 @@ def dyadic_chunk(ocfg: oracle.OracleConfig, rng: np.random.Generator, batch: int
 def jitted_step(config: ModelConfig):
   omnimem = config.memory.mode == "omnimem"
 
-  def step(q, k, v, layer, slot_before, slot_after, chunk_index, gates):
-    out, layer, ids = chunk_self_attention(q, k, v, layer, slot_before, chunk_index, gates if omnimem else None,
+  def step(q, k, v, layer, tables_before, tables_after, chunk_index, gates):
+    out, layer, ids = chunk_self_attention(q, k, v, layer, tables_before, chunk_index, gates if omnimem else None,
                                            config)
     apart = None
     if omnimem:
-      apart = select_blocks(q.transpose(0, 2, 1, 3), layer.k_pooled, slot_after, chunk_index, config)
+      apart = select_blocks(q.transpose(0, 2, 1, 3), layer.k_pooled, tables_after, chunk_index, config)
     return out, layer, ids, apart
 
   return jax.jit(step)
@@ -134,7 +134,7 @@ class Rollout:
     self.store.write(c, k, v)
     after = self.store.slot_table()
     out, self.layer, ids, apart = self.step_fn(
-        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), self.layer, jnp.asarray(before), jnp.asarray(after),
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), self.layer, plain_tables(before), plain_tables(after),
         jnp.int32(c), None if gates is None else jnp.asarray(gates))
     assert (ids is None) == (apart is None) == (self.ocfg.mode != "omnimem")
     ids = None if ids is None else np.asarray(ids)

@@ -58,7 +58,7 @@ def test_chunk_self_attention(name):
   shape = (1, config.tokens_per_chunk, config.num_heads, config.head_dim)
   q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3))
   gates = jnp.asarray(rng.standard_normal((*shape[:3], 3)), jnp.float32)
-  step = jax.jit(lambda layers, chunk: chunk_self_attention(q, k, v, layers, kv.slot_chunk, chunk, gates, config,
+  step = jax.jit(lambda layers, chunk: chunk_self_attention(q, k, v, layers, kv.tables, chunk, gates, config,
                                                             backends=CHOICES[name][0], layer_index=1))
   with dispatch.recording() as record:
     step.lower(kv.layers, jnp.int32(0))

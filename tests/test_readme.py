@@ -23,7 +23,7 @@ def test_readme_attention_example_runs():
   namespace = run_block(readme_python_blocks()[0])
   out = np.asarray(namespace["out"])
   assert out.shape == namespace["shape"] and np.isfinite(out).all() and np.abs(out).sum() > 0
-  np.testing.assert_array_equal(namespace["slot_chunk"][:5], np.arange(5))
+  np.testing.assert_array_equal(namespace["tables"].full[:5], np.arange(5))
 
 
 def test_readme_dit_example_runs():

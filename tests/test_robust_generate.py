@@ -104,10 +104,10 @@ def test_robust_top_k_beyond_the_candidate_blocks_is_refused(tmp_path, existing)
 def test_robust_max_candidate_blocks_matches_the_selection(memory):
   """The plan's bound equals the most candidates `select.candidate_blocks` gives over a 14-chunk run."""
   config = tiny(**{"capacity_chunks": 14, **memory})
-  slot_chunk, most = jnp.full(config.memory.capacity_chunks, -1, jnp.int32), 0
+  tables, most = store.init_tables(config.memory), 0
   for chunk in range(14):
-    slot_chunk = store.assign_slot(slot_chunk, chunk, config.memory)
-    most = max(most, int(select.candidate_blocks(slot_chunk, chunk, config).sum()))
+    tables = store.assign(tables, chunk, config.memory)
+    most = max(most, int(select.candidate_blocks(tables, chunk, config).sum()))
   assert planning.max_candidate_blocks(config, 14) == most > 0
 
 

@@ -71,6 +71,26 @@ def test_eight_chunk_stream_compiles_once_and_equals_one_scan(mode):
     assert retrieval is None
 
 
+@pytest.mark.parametrize("kv_format, bound", [("fp8", 0.05), ("int4", 0.25)])
+def test_compact_store_rollout_compiles_once_and_tracks_the_plain_store(kv_format, bound):
+  """A compact store through a whole rollout, with ring reuse (capacity 4 of 8 chunks) and the pooled tier
+  keeping all 8: one compilation, finite latents within `bound` (relative) of the plain store's, and its
+  layout is the compact one."""
+  config = tiny(capacity_chunks=4, pooled_chunks=8)
+  model = CausalWanModel(config, rngs=nnx.Rngs(0))
+  cross = text_cross(model)
+  plain, _ = Rollout(model, store_dtype=jnp.float32).run([(0, cross)], num_chunks=8, seed=3)
+  rollout = Rollout(model, store_dtype=jnp.float32, kv_format=kv_format, retrieval=True)
+  latents, retrieval = rollout.run([(0, cross)], num_chunks=8, seed=3)
+  assert rollout.traces == 1 and np.isfinite(latents).all() and rollout.store.layers.kv_format == kv_format
+  assert 0 < relative_error(latents, plain) < bound
+  np.testing.assert_array_equal(rollout.store.tables.pooled, np.arange(8))
+  np.testing.assert_array_equal(np.sort(np.asarray(rollout.store.tables.full)), np.arange(4, 8))
+  assert retrieval[7, :, 4:].sum() == 0  # chunks 0..3 were evicted: never selected at chunk 7
+  with pytest.raises(ValueError, match="compact KV store"):
+    Rollout(CausalWanModel(tiny(mode="window"), rngs=nnx.Rngs(0)), kv_format=kv_format)
+
+
 def test_same_seed_same_video_other_seed_other_video():
   model = CausalWanModel(tiny(mode="window"), rngs=nnx.Rngs(1))
   cross = text_cross(model)

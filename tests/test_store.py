@@ -8,6 +8,7 @@ import pytest
 
 from tests.configs import tiny
 from omnimem_jax.memory import store
+from omnimem_kernels import kv_quant
 
 
 def random_chunk(config, rng, batch=2):
@@ -20,9 +21,31 @@ def test_init_store_shapes_zeros_and_empty_slots():
   kv = store.init_store(config, batch_size=2, dtype=jnp.bfloat16)
   assert kv.layers.k.shape == (2, 4, 2, 5, 96, 16)  # [B, H, L, S, T, D]
   assert kv.layers.k_pooled.shape == (2, 4, 2, 5 * 24, 16)
-  assert kv.layers.k.dtype == jnp.bfloat16
+  assert kv.layers.k.dtype == jnp.bfloat16 and kv.layers.kv_format == "bf16"
+  assert kv.layers.k_scale.shape == (2, 4, 2, 0) and kv.layers.k_recent.shape == (2, 4, 2, 0, 96, 16)
   assert all(not np.asarray(x).any() for x in jax.tree.leaves(kv.layers))
   np.testing.assert_array_equal(kv.slot_chunk, -np.ones(5))
+  assert kv.tables.recent.shape == (0,) and kv.tables.pooled.shape == (5,)
+
+
+@pytest.mark.parametrize("kv_format, dtype, stored_d", [("fp8", jnp.float8_e4m3fn, 16), ("int4", jnp.uint8, 8)])
+def test_compact_store_shapes(kv_format, dtype, stored_d):
+  config = tiny(capacity_chunks=5, pooled_chunks=9)
+  kv = store.init_store(config, batch_size=2, kv_format=kv_format)
+  layers = kv.layers
+  assert layers.k.shape == (2, 4, 2, 5, 96, stored_d) and layers.k.dtype == dtype and layers.kv_format == kv_format
+  assert layers.k_scale.shape == (2, 4, 2, 5 * 24) and layers.k_scale.dtype == jnp.float32
+  assert layers.k_recent.shape == (2, 4, 2, 3, 96, 16) and layers.k_recent.dtype == jnp.bfloat16
+  assert layers.k_pooled.shape == (2, 4, 2, 9 * 24, 16)
+  assert [t.shape for t in (kv.tables.full, kv.tables.recent, kv.tables.pooled)] == [(5,), (3,), (9,)]
+  assert len({id(x) for x in jax.tree.leaves(layers)}) == 8  # separate buffers: each is donated
+
+
+def test_compact_formats_serve_omnimem_only():
+  with pytest.raises(ValueError, match="compact KV store.*window mode.*use bf16"):
+    store.init_store(tiny(mode="window"), 1, kv_format="fp8")
+  with pytest.raises(ValueError, match="unknown KV format 'fp16'"):
+    store.init_store(tiny(), 1, kv_format="fp16")
 
 
 @pytest.mark.parametrize("memory, expected", [
@@ -102,3 +125,40 @@ def test_write_into_the_stacked_store_touches_only_that_layer_and_slot():
       np.testing.assert_array_equal(getattr(store.layer_kv(result, other), name),
                                     getattr(store.layer_kv(stacked, other), name))
   assert not np.array_equal(result.k[:, :, 1, 2], stacked.k[:, :, 1, 2])
+
+
+def test_tiers_ring_independently():
+  config = tiny(capacity_chunks=4, pooled_chunks=6)
+  tables = store.init_tables(config.memory, "fp8")
+  for chunk in range(9):
+    tables = store.assign(tables, chunk, config.memory)
+  np.testing.assert_array_equal(tables.full, [8, 5, 6, 7])
+  np.testing.assert_array_equal(tables.recent, [6, 7, 8])
+  np.testing.assert_array_equal(tables.pooled, [6, 7, 8, 3, 4, 5])
+  np.testing.assert_array_equal(store.resident(tables, jnp.array([3, 4, 5, 8, -1]), config.memory),
+                                [False, False, True, True, False])
+
+
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+def test_write_chunk_fills_every_tier_of_a_compact_store(kv_format):
+  config = tiny(capacity_chunks=4, pooled_chunks=6)
+  rng = np.random.default_rng(3)
+  layer = store.layer_kv(store.init_store(config, 2, jnp.float32, kv_format=kv_format).layers, 0)
+  k, v = random_chunk(config, rng)
+  layer = jax.jit(store.write_chunk, static_argnums=4)(layer, k, v, jnp.int32(7), config)  # slot 3, ring 1, pooled 1
+  blocks, bt = config.blocks_per_chunk, config.memory.block_tokens
+  for name, x in (("k", k), ("v", v)):
+    heads_major = np.asarray(x).transpose(0, 2, 1, 3)
+    expected = heads_major.reshape(2, 4, blocks, bt, 16)
+    _, scale = kv_quant.quantize(jnp.asarray(expected), kv_format)
+    stored_scale = getattr(layer, name + "_scale")[:, :, 3 * blocks:4 * blocks]
+    np.testing.assert_allclose(stored_scale, scale, rtol=1e-6)  # XLA may divide by amax differently under jit
+    stored = getattr(layer, name)[:, :, 3].reshape(2, 4, blocks, bt, -1)
+    error = np.abs(np.asarray(kv_quant.dequantize(stored, stored_scale, kv_format)) - expected)
+    bound = np.asarray(stored_scale)[..., None, None] * (0.5 if kv_format == "int4" else 16.0)  # half a step
+    assert (error <= bound).all()
+    np.testing.assert_array_equal(getattr(layer, name + "_recent")[:, :, 1], heads_major)
+    means = heads_major.reshape(2, 4, blocks, bt, 16).mean(axis=3)
+    np.testing.assert_allclose(getattr(layer, name + "_pooled")[:, :, blocks:2 * blocks], means, rtol=1e-6, atol=1e-6)
+    assert not np.delete(np.asarray(getattr(layer, name)), 3, axis=2).view(np.uint8).any()
+    assert not np.delete(np.asarray(getattr(layer, name + "_recent")), 1, axis=2).any()

@@ -23,6 +23,7 @@ per-platform preference list).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,19 +33,23 @@ from omnimem_kernels.backends import Backends
 from omnimem_kernels.segment_attention import segment_attention
 from omnimem_kernels.selection_attention import selection_attention
 from omnimem_jax.config import MemoryConfig, ModelConfig
-from omnimem_jax.memory.select import select_blocks
+from omnimem_jax.memory.select import full_resolution_ids, select_blocks
 from omnimem_jax.memory.store import (
   LayerKV,
-  assign_slot,
+  SlotTables,
+  assign,
   check_layer,
   holds_chunks_through,
   layer_kv,
+  recent_slots,
+  ring_slot,
   slot_of_chunk,
   write_chunk,
 )
 
 GATE_ORDER = ("cmp", "slc", "swa")
 GATE_CLIP = 10.0
+SlotFn = Callable[[Int[Array, " n"]], Int[Array, " n"]]  # chunks -> a tier's slots
 
 
 def _resident_first(ids: Int[Array, " n"], resident: Bool[Array, " n"]) -> tuple[Int[Array, " n"], Bool[Array, " n"]]:
@@ -75,20 +80,20 @@ def attended_chunks(chunk_index: Int[Array, ""], memory: MemoryConfig) -> Int[Ar
 
 
 def _chunk_slots(slot_chunk: Int[Array, " slots"], chunk_index: Int[Array, ""], chunk_ids: Int[Array, " n"] | None,
-                 memory: MemoryConfig) -> tuple[Int[Array, " n"], Bool[Array, " n"]]:
+                 slot_fn: SlotFn) -> tuple[Int[Array, " n"], Bool[Array, " n"]]:
   """The slots of the listed chunks (None: every slot) and which of them hold a chunk of 0..c."""
   if chunk_ids is None:
     return jnp.arange(slot_chunk.shape[0], dtype=jnp.int32), holds_chunks_through(slot_chunk, chunk_index)
-  slots = slot_of_chunk(jnp.maximum(chunk_ids, 0), memory)
+  slots = slot_fn(jnp.maximum(chunk_ids, 0))
   return slots, (chunk_ids >= 0) & (chunk_ids <= chunk_index) & (slot_chunk[slots] == chunk_ids)
 
 
 def chunk_segments(slot_chunk: Int[Array, " slots"], chunk_index: Int[Array, ""], chunk_ids: Int[Array, " n"] | None,
-                   memory: MemoryConfig, tokens: int) -> tuple[Int[Array, " n"], Int[Array, ""]]:
+                   slot_fn: SlotFn, tokens: int) -> tuple[Int[Array, " n"], Int[Array, ""]]:
   """The listed chunks still stored (None: every slot holding a chunk of 0..c) as segments of a
-  layer's full-resolution rows: (first row of each, resident slots first; how many are used), each
-  `tokens` rows (one slot)."""
-  slots, resident = _resident_first(*_chunk_slots(slot_chunk, chunk_index, chunk_ids, memory))
+  tier's rows: (first row of each, resident slots first; how many are used), each `tokens` rows (one
+  slot). `slot_fn` maps chunks to the tier's slots, `slot_chunk` is its table."""
+  slots, resident = _resident_first(*_chunk_slots(slot_chunk, chunk_index, chunk_ids, slot_fn))
   return slots * tokens, jnp.sum(resident, dtype=jnp.int32)
 
 
@@ -118,56 +123,71 @@ def _row_source(keys: Float[Array, "b h ..."], values: Float[Array, "b h ..."], 
   return rows(keys), rows(values), layer_index * math.prod(keys.shape[3:-1])
 
 
-def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
+def chunk_attention(q: Float[Array, "b n h d"], layer: LayerKV, tables: SlotTables,
                     chunk_index: Int[Array, ""], chunk_ids: Int[Array, " n"] | None, memory: MemoryConfig, *,
                     backends: Backends = Backends(), layer_index: int | Int[Array, ""] | None = None
                     ) -> Float[Array, "b n h d"]:
-  """Dense attention over the full-resolution K/V of the listed chunks (None: every slot) that are
-  still stored: the sliding branch and the baselines.
+  """Dense attention over the plain K/V of the listed chunks (None: every slot) that are still
+  stored: the sliding branch and the baselines. A compact store's recent ring serves the listed
+  chunks; a plain store's full-resolution tier serves them all.
 
   `layer` is one layer's store, or with `layer_index` the stacked store of every layer (read in
-  place). `slot_chunk` already records chunk c. The dense op runs on `backends.dense`.
+  place). `tables` already record chunk c. The dense op runs on `backends.dense`.
   """
-  keys, values, offset = _row_source(layer.k, layer.v, layer_index)
+  ring = layer.k_recent.shape[-3]
+  if ring and chunk_ids is not None:
+    keys, values, offset = _row_source(layer.k_recent, layer.v_recent, layer_index)
+    table, slot_fn = tables.recent, lambda chunks: ring_slot(chunks, ring)
+  else:
+    keys, values, offset = _row_source(layer.k, layer.v, layer_index)
+    table, slot_fn = tables.full, lambda chunks: slot_of_chunk(chunks, memory)
   tokens = layer.k.shape[-2]
-  starts, count = chunk_segments(slot_chunk, chunk_index, chunk_ids, memory, tokens)
+  starts, count = chunk_segments(table, chunk_index, chunk_ids, slot_fn, tokens)
   return segment_attention(q, keys, values, starts + offset, count, tokens, max_rows=starts.shape[0] * tokens,
                            implementation=backends.dense)
 
 
-def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
+def compressed_attention(q: Float[Array, "b n h d"], layer: LayerKV, tables: SlotTables,
                          chunk_index: Int[Array, ""], *, backends: Backends = Backends(),
                          layer_index: int | Int[Array, ""] | None = None) -> Float[Array, "b n h d"]:
-  """Dense attention over the pooled K/V of every stored chunk 0..c (current chunk included); the
-  store as in `chunk_attention`, the dense op on `backends.dense`."""
+  """Dense attention over the pooled K/V of every chunk 0..c the pooled tier holds (current chunk
+  included, evicted full-resolution chunks too); the store as in `chunk_attention`, the dense op on
+  `backends.dense`."""
   keys, values, offset = _row_source(layer.k_pooled, layer.v_pooled, layer_index)
-  blocks = layer.k_pooled.shape[-2]  # one layer's: slots x blocks_per_chunk
-  starts, count, length = compressed_segments(slot_chunk, chunk_index, blocks // slot_chunk.shape[0])
+  blocks = layer.k_pooled.shape[-2]  # one layer's: pooled slots x blocks_per_chunk
+  starts, count, length = compressed_segments(tables.pooled, chunk_index, blocks // tables.pooled.shape[0])
   return segment_attention(q, keys, values, starts + offset, count, length, max_rows=blocks,
                            implementation=backends.dense)
 
 
-def selection_branch(q: Float[Array, "b n h d"], layer: LayerKV, slot_chunk: Int[Array, " slots"],
+def selection_branch(q: Float[Array, "b n h d"], layer: LayerKV, tables: SlotTables,
                      chunk_index: Int[Array, ""], config: ModelConfig, *, backends: Backends = Backends(),
                      layer_index: int | Int[Array, ""] | None = None
                      ) -> tuple[Float[Array, "b n h d"], Int[Array, "b h g k"]]:
-  """Each (query group, head) attends to its own top-k blocks, read from the store's block view.
+  """Each (query group, head) attends to its own top-k blocks, read (and, from a compact store,
+  dequantised) by the kernel from the full-resolution tier's block view.
 
   The store as in `chunk_attention`: with `layer_index` the kernel reads that layer's blocks
   straight from the stacked store, at block offset layer_index * slots * blocks_per_chunk. Top-k
-  runs on `backends.topk`, the attention on `backends.selection`.
+  runs on `backends.topk` over the pooled tier, the attention on `backends.selection`.
 
   Returns:
-    (output, the selected layer-local slot-major block ids [B, H, groups, top_k], -1 padded).
+    (output, the selected layer-local pooled block ids [B, H, groups, top_k], -1 padded).
   """
   q_heads = q.transpose(0, 2, 1, 3)
   pooled = layer.k_pooled if layer_index is None else layer_kv(layer, layer_index).k_pooled
-  ids = select_blocks(q_heads, pooled, slot_chunk, chunk_index, config, implementation=backends.topk)
-  batch, heads, head_dim = layer.k.shape[0], layer.k.shape[1], layer.k.shape[-1]
-  num_blocks = layer.k.size // (batch * heads * config.memory.block_tokens * head_dim)
-  source_ids = ids if layer_index is None else jnp.where(ids >= 0, ids + layer_index * pooled.shape[2], ids)
-  block_view = (batch, heads, num_blocks, config.memory.block_tokens, head_dim)
-  out, _ = selection_attention(q_heads, layer.k.reshape(block_view), layer.v.reshape(block_view), source_ids,
+  ids = select_blocks(q_heads, pooled, tables, chunk_index, config, implementation=backends.topk)
+  full_ids = full_resolution_ids(ids, tables, config)
+  batch, heads, stored_d = layer.k.shape[0], layer.k.shape[1], layer.k.shape[-1]
+  layer_blocks = config.memory.capacity_chunks * config.blocks_per_chunk
+  num_blocks = layer.k.size // (batch * heads * config.memory.block_tokens * stored_d)
+  if layer_index is not None:
+    full_ids = jnp.where(full_ids >= 0, full_ids + layer_index * layer_blocks, full_ids)
+  block_view = (batch, heads, num_blocks, config.memory.block_tokens, stored_d)
+  scales = {}
+  if layer.kv_format != "bf16":
+    scales = dict(k_scale=layer.k_scale.reshape(batch, heads, -1), v_scale=layer.v_scale.reshape(batch, heads, -1))
+  out, _ = selection_attention(q_heads, layer.k.reshape(block_view), layer.v.reshape(block_view), full_ids, **scales,
                                implementation=backends.selection, check_ids=config.memory.debug_checks)
   return out.transpose(0, 2, 1, 3), ids
 
@@ -179,7 +199,7 @@ def gate_branches(gate_logits: Float[Array, "b n h 3"], o_cmp: Float[Array, "b n
   return sum(gates[..., i, None] * branch.astype(jnp.float32) for i, branch in enumerate((o_cmp, o_slc, o_swa)))
 
 
-def _check_inputs(q, k, v, layer, slot_chunk, chunk_index, gate_logits, config: ModelConfig) -> None:
+def _check_inputs(q, k, v, layer, tables, chunk_index, gate_logits, config: ModelConfig) -> None:
   expected = (config.tokens_per_chunk, config.num_heads, config.head_dim)
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
@@ -190,8 +210,12 @@ def _check_inputs(q, k, v, layer, slot_chunk, chunk_index, gate_logits, config: 
   check_layer(layer, config)
   if layer.k.shape[0] != q.shape[0]:
     raise ValueError(f"store batch {layer.k.shape[0]} != query batch {q.shape[0]}")
-  if slot_chunk.shape != (config.memory.capacity_chunks,):
-    raise ValueError(f"slot_chunk must be [{config.memory.capacity_chunks}], got {tuple(slot_chunk.shape)}")
+  memory = config.memory
+  for name, slots in (("full", memory.capacity_chunks), ("recent", recent_slots(memory, layer.kv_format)),
+                      ("pooled", memory.pooled_slots)):
+    table = getattr(tables, name)
+    if table.shape != (slots,):
+      raise ValueError(f"slot table {name} must be [{slots}] for this config and store, got {tuple(table.shape)}")
   if jnp.ndim(chunk_index) != 0:
     raise ValueError(f"chunk_index must be a scalar, got shape {jnp.shape(chunk_index)}")
   if not isinstance(chunk_index, jax.core.Tracer) and int(chunk_index) < 0:
@@ -206,7 +230,7 @@ def _check_inputs(q, k, v, layer, slot_chunk, chunk_index, gate_logits, config: 
 
 
 def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"], v: Float[Array, "b n h d"],
-                         layer: LayerKV, slot_chunk: Int[Array, " slots"], chunk_index: int | Int[Array, ""],
+                         layer: LayerKV, tables: SlotTables, chunk_index: int | Int[Array, ""],
                          gate_logits: Float[Array, "b n h 3"] | None, config: ModelConfig, *,
                          backends: Backends = Backends(), layer_index: int | Int[Array, ""] | None = None
                          ) -> tuple[Float[Array, "b n h d"], LayerKV, Int[Array, "b h g k"] | None]:
@@ -217,8 +241,8 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
     layer: this layer's store; chunk c's K/V are written into its slot before attending. With
       `layer_index`, the stacked store of every layer ([B, H, L, ...]): the chunk is written into
       layer `layer_index` in place and the branches read that layer from it without copying it.
-    slot_chunk: the store's slot table before this call (chunk c's slot is assigned here too; the
-      caller records `store.assign_slot(slot_chunk, c)` once for all layers).
+    tables: the store's slot tables before this call (chunk c's slots are assigned here too; the
+      caller records `store.assign(tables, c, memory)` once for all layers).
     chunk_index: absolute chunk index c; may be traced, so a rollout compiles once.
     gate_logits: `x_sa @ Wg + bg` reshaped per head, order (cmp, slc, swa); omnimem mode only.
     config: geometry and memory configuration.
@@ -227,20 +251,20 @@ def chunk_self_attention(q: Float[Array, "b n h d"], k: Float[Array, "b n h d"],
 
   Returns:
     (attention output before the output projection, updated store: the layer's, or the stacked one,
-    the block ids the selection chose: layer-local slot-major [B, H, groups, top_k], -1 padded; None
-    outside omnimem mode).
+    the block ids the selection chose: layer-local pooled ids [B, H, groups, top_k] (block j of pooled
+    slot p is p * blocks_per_chunk + j), -1 padded; None outside omnimem mode).
   """
   view = layer if layer_index is None else layer_kv(layer, layer_index)
-  _check_inputs(q, k, v, view, slot_chunk, chunk_index, gate_logits, config)
+  _check_inputs(q, k, v, view, tables, chunk_index, gate_logits, config)
   memory = config.memory
   chunk_index = jnp.asarray(chunk_index, jnp.int32)
-  slot_chunk = assign_slot(slot_chunk, chunk_index, memory)
+  tables = assign(tables, chunk_index, memory)
   layer = write_chunk(layer, k, v, chunk_index, config, layer_index)
   layer_index = None if layer_index is None else jnp.asarray(layer_index, jnp.int32)
-  o_swa = chunk_attention(q, layer, slot_chunk, chunk_index, attended_chunks(chunk_index, memory), memory,
+  o_swa = chunk_attention(q, layer, tables, chunk_index, attended_chunks(chunk_index, memory), memory,
                           backends=backends, layer_index=layer_index)
   if memory.mode != "omnimem":
     return o_swa, layer, None
-  o_cmp = compressed_attention(q, layer, slot_chunk, chunk_index, backends=backends, layer_index=layer_index)
-  o_slc, ids = selection_branch(q, layer, slot_chunk, chunk_index, config, backends=backends, layer_index=layer_index)
+  o_cmp = compressed_attention(q, layer, tables, chunk_index, backends=backends, layer_index=layer_index)
+  o_slc, ids = selection_branch(q, layer, tables, chunk_index, config, backends=backends, layer_index=layer_index)
   return gate_branches(gate_logits, o_cmp, o_slc, o_swa).astype(q.dtype), layer, ids

@@ -34,7 +34,7 @@ from omnimem_kernels.masked_attention import masked_attention
 from omnimem_jax import sharding
 from omnimem_jax.config import ModelConfig
 from omnimem_jax.memory import select
-from omnimem_jax.memory.store import KVStore, LayerKV, assign_slot
+from omnimem_jax.memory.store import KVStore, LayerKV, assign
 from omnimem_jax.model import rope
 from omnimem_jax.model.attention import GATE_ORDER, chunk_self_attention
 from omnimem_jax.model.layout import from_block_order, to_block_order
@@ -392,7 +392,7 @@ class CausalWanModel(nnx.Module):
 
     if retrieval_histogram and c.memory.mode != "omnimem":
       raise ValueError(f"retrieval histograms exist in omnimem mode only, not {c.memory.mode}")
-    slot_chunk = assign_slot(store.slot_chunk, chunk_index, c.memory)
+    tables = assign(store.tables, chunk_index, c.memory)
 
     mesh = sharding.context_mesh()
 
@@ -419,13 +419,13 @@ class CausalWanModel(nnx.Module):
 
     def attend(q, k, v, gate_logits, store_and_index):
       layers, index = store_and_index
-      out, layers, histogram = local_attention(q, k, v, gate_logits, layers, index, store.slot_chunk, slot_chunk,
+      out, layers, histogram = local_attention(q, k, v, gate_logits, layers, index, store.tables, tables,
                                                chunk_index)
       return out, (layers, histogram)
 
     x, new_layers, histograms = self._run_blocks(x, e0, cos, sin, cross, attend, layers)
     velocity = self._unembed(x, e, c.memory.frames_per_chunk)
-    new_store = KVStore(layers=new_layers, slot_chunk=slot_chunk)
+    new_store = KVStore(layers=new_layers, tables=tables)
     return (velocity, new_store, histograms) if retrieval_histogram else (velocity, new_store)
 
   # ---- whole sequences (references, teacher forcing) --------------------------------------------

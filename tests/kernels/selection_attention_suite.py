@@ -1,7 +1,8 @@
 """Shared correctness suite for every selection-attention backend (subclass per backend).
 
 Each backend's test module subclasses `SelectionAttentionSuite` and sets IMPLEMENTATION (and
-INTERPRET for Pallas twins run on CPU). The oracle is a float64 NumPy loop over explicit key lists.
+INTERPRET for Pallas twins run on CPU). The oracle is a float64 NumPy loop over explicit key lists;
+for compact blocks it runs on their float64 dequantisation (`tests/kernels/kv_quant_oracle.py`).
 """
 
 import jax
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 
+from omnimem_kernels import kv_quant
 from omnimem_kernels.selection_attention import api
+from tests.kernels import kv_quant_oracle
 
 
 def oracle(q, k_blocks, v_blocks, ids):
@@ -51,6 +54,25 @@ def make_inputs(seed, batch, heads, groups, group_size, num_blocks, block_tokens
   ids[0, -1, 1, :3] = [num_blocks - 1, 2, 2]  # a repeated block
   ids[-1, 0, -1] = -1  # a group with no valid id
   return q, k_blocks, v_blocks, ids
+
+
+def make_compact_inputs(seed, fmt, *shape):
+  """make_inputs with K/V stored in `fmt`: (q, k_data, v_data, ids, scales), scales the kwargs k_scale,
+  v_scale. Listed among the blocks: a block of zeros (scale 0; ids[0, 0, 0]) and an outlier block
+  (ids[0, -1, 1], listed twice)."""
+  q, k_blocks, v_blocks, ids = make_inputs(seed, *shape)
+  for blocks in (k_blocks, v_blocks):
+    blocks[0, 0, 0] = 0.0
+    blocks[0, -1, 2, 1, 3] = 40.0 * np.abs(blocks[0, -1, 2]).max()
+  (k_data, k_scale), (v_data, v_scale) = (kv_quant.quantize(jnp.asarray(x), fmt) for x in (k_blocks, v_blocks))
+  assert k_scale[0, 0, 0] == 0 and (ids[0, 0, 0] == 0).any() and (ids[0, -1, 1] == 2).sum() == 2
+  return q, k_data, v_data, ids, dict(k_scale=k_scale, v_scale=v_scale)
+
+
+def dequantised(k_data, v_data, scales, fmt):
+  """Float64 K and V values of compact blocks."""
+  return (kv_quant_oracle.dequantize(np.asarray(data), np.asarray(scales[name]), fmt)
+          for data, name in ((k_data, "k_scale"), (v_data, "v_scale")))
 
 
 SHAPES = {
@@ -130,3 +152,33 @@ class SelectionAttentionSuite:
     error, _ = checked(q, k_blocks, v_blocks, bad)
     with pytest.raises(checkify.JaxRuntimeError, match=r"block ids must lie in \[-1, 12\); found ids in \[-2, 11\]"):
       error.throw()
+
+  @pytest.mark.parametrize("shape", ["tiny", "real_tiles"])
+  @pytest.mark.parametrize("fmt", ["fp8", "int4"])
+  def test_compact_blocks_match_oracle_and_reference(self, fmt, shape):
+    """f32 queries over compact blocks: the oracle on the dequantised blocks, and the XLA reference on
+    the same compact blocks to float32 rounding (-1 padding, a repeated id, an empty group, a zero block,
+    an outlier block)."""
+    q, k_data, v_data, ids, scales = make_compact_inputs(8, fmt, *SHAPES[shape])
+    out, lse = jax.jit(self.run)(q, k_data, v_data, ids, **scales)
+    expected_out, expected_lse = oracle(q, *dequantised(k_data, v_data, scales, fmt), ids)
+    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), expected_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), expected_lse, rtol=1e-5, atol=1e-5)
+    assert np.isneginf(np.asarray(lse)[-1, 0, -q.shape[2] // ids.shape[2]:]).all()  # the empty group
+    reference_out, reference_lse = api.selection_attention(q, k_data, v_data, ids, implementation="xla", **scales)
+    for result, reference in ((out, reference_out), (lse, reference_lse)):  # rounding: relative to the magnitudes
+      reference = np.asarray(reference)
+      atol = 2e-6 * np.abs(reference[np.isfinite(reference)]).max()
+      np.testing.assert_allclose(np.asarray(result), reference, rtol=2e-6, atol=atol)
+
+  @pytest.mark.parametrize("fmt", ["fp8", "int4"])
+  def test_compact_blocks_bf16_queries(self, fmt):
+    q, k_data, v_data, ids, scales = make_compact_inputs(9, fmt, *SHAPES["real_tiles"])
+    out, lse = self.run(q.astype(jnp.bfloat16), k_data, v_data, ids, **scales)
+    assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+    rounded_q = np.asarray(jnp.asarray(q, jnp.bfloat16), np.float32)
+    expected_out, expected_lse = oracle(rounded_q, *dequantised(k_data, v_data, scales, fmt), ids)
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected_out, rtol=3e-2, atol=3e-2)
+    np.testing.assert_allclose(np.asarray(lse), expected_lse, rtol=3e-2, atol=3e-2)
+    assert relative_error(out, expected_out) < 1e-2

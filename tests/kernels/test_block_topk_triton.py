@@ -10,7 +10,7 @@ import pytest
 
 from omnimem_jax.memory import select
 from omnimem_jax.memory.store import assign_slot
-from tests.configs import tiny
+from tests.configs import plain_tables, tiny
 from tests.kernels.block_topk_suite import BlockTopKSuite
 
 
@@ -25,9 +25,9 @@ class TestTritonGpu(BlockTopKSuite):
   INTERPRET = False
 
 
-def _scores(q, k_pooled, config, slot_chunk, chunk):
+def _scores(q, k_pooled, config, tables, chunk):
   scores = np.asarray(select.block_scores(q, k_pooled, config.memory.group_size))
-  return np.where(np.asarray(select.candidate_blocks(slot_chunk, chunk, config)), scores, -np.inf)
+  return np.where(np.asarray(select.candidate_blocks(tables, chunk, config)), scores, -np.inf)
 
 
 def _assert_same_selection(ids, expected, scores):
@@ -51,11 +51,11 @@ def test_matches_xla_top_k(chunk, capacity, dtype):
   slot_chunk = jnp.asarray([c if c <= chunk else -1 for c in range(capacity)], jnp.int32)
   if chunk >= capacity:
     slot_chunk = jnp.arange(chunk - capacity + 1, chunk + 1, dtype=jnp.int32)
-  slot_chunk = assign_slot(slot_chunk, chunk, config.memory)
-  ids = select.select_blocks(q, k_pooled, slot_chunk, chunk, config, implementation="triton", interpret=True)
-  expected = select.select_blocks(q, k_pooled, slot_chunk, chunk, config, implementation="xla")
+  tables = plain_tables(assign_slot(slot_chunk, chunk, config.memory))
+  ids = select.select_blocks(q, k_pooled, tables, chunk, config, implementation="triton", interpret=True)
+  expected = select.select_blocks(q, k_pooled, tables, chunk, config, implementation="xla")
   assert ids.shape == expected.shape and ids.dtype == jnp.int32
-  _assert_same_selection(ids, expected, _scores(q, k_pooled, config, slot_chunk, chunk))
+  _assert_same_selection(ids, expected, _scores(q, k_pooled, config, tables, chunk))
 
 
 def test_real_head_dim_and_top_k_with_ties():
@@ -65,9 +65,9 @@ def test_real_head_dim_and_top_k_with_ties():
   # Small integers: many exactly tied scores, so "lower id wins" is exercised.
   q = jnp.asarray(rng.integers(-1, 2, (1, 2, config.tokens_per_chunk, 128)), jnp.float32)
   k_pooled = jnp.asarray(rng.integers(-2, 3, (1, 2, 8 * config.blocks_per_chunk, 128)), jnp.bfloat16)
-  slot_chunk = jnp.arange(8, dtype=jnp.int32)
-  ids = select.select_blocks(q, k_pooled, slot_chunk, 7, config, implementation="triton", interpret=True)
-  expected = select.select_blocks(q, k_pooled, slot_chunk, 7, config, implementation="xla")
+  tables = plain_tables(list(range(8)))
+  ids = select.select_blocks(q, k_pooled, tables, 7, config, implementation="triton", interpret=True)
+  expected = select.select_blocks(q, k_pooled, tables, 7, config, implementation="xla")
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(expected))
 
 
@@ -76,7 +76,7 @@ def test_unknown_implementation_is_refused():
   with pytest.raises(ValueError, match=r"unknown block_topk implementation\(s\) \['cuda'\]"):
     select.select_blocks(jnp.zeros((1, config.num_heads, config.tokens_per_chunk, config.head_dim)),
                          jnp.zeros((1, config.num_heads, 8 * config.blocks_per_chunk, config.head_dim)),
-                         jnp.arange(8, dtype=jnp.int32), 3, config, implementation="cuda")
+                         plain_tables(list(range(8))), 3, config, implementation="cuda")
 
 
 @pytest.mark.gpu
@@ -88,10 +88,10 @@ def test_gpu_kernel_matches_xla_at_the_real_shape():
   rng = np.random.default_rng(1)
   q = jnp.asarray(rng.standard_normal((1, 12, config.tokens_per_chunk, 128)), jnp.bfloat16)
   k_pooled = jnp.asarray(rng.standard_normal((1, 12, 10 * config.blocks_per_chunk, 128)), jnp.bfloat16)
-  slot_chunk = jnp.arange(10, dtype=jnp.int32)
-  ids = select.select_blocks(q, k_pooled, slot_chunk, 9, config, implementation="triton")
-  expected = select.select_blocks(q, k_pooled, slot_chunk, 9, config, implementation="xla")
-  _assert_same_selection(ids, expected, _scores(q, k_pooled, config, slot_chunk, 9))
+  tables = plain_tables(list(range(10)))
+  ids = select.select_blocks(q, k_pooled, tables, 9, config, implementation="triton")
+  expected = select.select_blocks(q, k_pooled, tables, 9, config, implementation="xla")
+  _assert_same_selection(ids, expected, _scores(q, k_pooled, config, tables, 9))
 
 
 

@@ -16,7 +16,7 @@ from omnimem_kernels.backends import Backends
 from omnimem_kernels.segment_attention import api, pallas_mosaic_gpu
 from omnimem_jax.memory import store
 from omnimem_jax.model import attention
-from tests.configs import tiny
+from tests.configs import plain_tables, tiny
 from tests.kernels.segment_attention_suite import SegmentAttentionSuite, make_case, oracle, require_backend
 from tests.kernels.selection_attention_suite import relative_error
 
@@ -137,7 +137,7 @@ def test_dense_path_matches_xla_through_ring_reuse(mode, dense):
   tolerance = 1e-2 if dtype == jnp.bfloat16 else 1e-5
   stores = {name: store.init_store(config, 2, d, num_layers=1) for name, d in (("tested", dtype), ("f32", jnp.float32))}
   layers = {name: store.layer_kv(kv.layers, 0) for name, kv in stores.items()}
-  slot_chunk = stores["f32"].slot_chunk
+  tables = stores["f32"].tables
   step = _step(config)
   rng = np.random.default_rng(0)
   shape = (2, config.tokens_per_chunk, config.num_heads, config.head_dim)
@@ -147,10 +147,10 @@ def test_dense_path_matches_xla_through_ring_reuse(mode, dense):
     if mode == "omnimem":
       gates = jnp.asarray(rng.standard_normal((*shape[:3], 3)), jnp.float32).at[..., 1].set(-10.0)
     with jax.default_matmul_precision("highest"):  # the f32 expectation without TF32 on GPUs
-      expected, layers["f32"] = step(*(x.astype(jnp.float32) for x in qkv), layers["f32"], slot_chunk,
+      expected, layers["f32"] = step(*(x.astype(jnp.float32) for x in qkv), layers["f32"], tables,
                                      jnp.int32(chunk), gates, dense="xla")
-    out, layers["tested"] = step(*qkv, layers["tested"], slot_chunk, jnp.int32(chunk), gates, dense=dense)
-    slot_chunk = store.assign_slot(slot_chunk, chunk, config.memory)
+    out, layers["tested"] = step(*qkv, layers["tested"], tables, jnp.int32(chunk), gates, dense=dense)
+    tables = store.assign(tables, chunk, config.memory)
     assert out.dtype == dtype
     assert relative_error(out, expected) < tolerance, chunk
 
@@ -163,25 +163,25 @@ def test_rewound_store_uses_one_segment_per_slot(dense):
   require_backend(dense)
   config = _config("omnimem", capacity_chunks=4)
   kv = store.init_store(config, 1, jnp.float32, num_layers=1)
-  layer, slot_chunk = store.layer_kv(kv.layers, 0), kv.slot_chunk
+  layer, tables = store.layer_kv(kv.layers, 0), kv.tables
   rng = np.random.default_rng(1)
   shape = (1, config.tokens_per_chunk, config.num_heads, config.head_dim)
   for chunk in range(5):
     layer = store.write_chunk(layer, *(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2)),
                               jnp.int32(chunk), config)
-    slot_chunk = store.assign_slot(slot_chunk, chunk, config.memory)
+    tables = store.assign(tables, chunk, config.memory)
   q = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   blocks, tokens = config.blocks_per_chunk, config.tokens_per_chunk
-  starts, count, length = attention.compressed_segments(slot_chunk, jnp.int32(2), blocks)
+  starts, count, length = attention.compressed_segments(tables.pooled, jnp.int32(2), blocks)
   assert (int(count), int(length)) == (2, blocks)  # one segment per slot, not a prefix
   assert sorted(np.asarray(starts)[:2].tolist()) == [blocks, 2 * blocks]
   recent = attention.attended_chunks(jnp.int32(2), config.memory)
   backends = Backends(dense=dense)
   rows = lambda x: np.asarray(x).reshape(1, config.num_heads, -1, config.head_dim)  # noqa: E731
   with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
-    compressed = jax.jit(lambda q: attention.compressed_attention(q, layer, slot_chunk, jnp.int32(2),
+    compressed = jax.jit(lambda q: attention.compressed_attention(q, layer, tables, jnp.int32(2),
                                                                   backends=backends))(q)
-    sliding = jax.jit(lambda q: attention.chunk_attention(q, layer, slot_chunk, jnp.int32(2), recent, config.memory,
+    sliding = jax.jit(lambda q: attention.chunk_attention(q, layer, tables, jnp.int32(2), recent, config.memory,
                                                           backends=backends))(q)
   q64 = np.asarray(q, np.float64)
   expected = oracle(q64, rows(layer.k_pooled), rows(layer.v_pooled), [blocks, 2 * blocks], 2, blocks)
@@ -206,11 +206,11 @@ def test_stacked_store_read_in_place_matches_one_layer(mode, dense):
   q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
   gates = jnp.asarray(rng.standard_normal((*shape[:3], 3)), jnp.float32).at[..., 1].set(-10.0) if mode == "omnimem" \
       else None
-  slot_chunk = jnp.asarray([0, 1, 2, 3, -1], jnp.int32)
+  tables = plain_tables([0, 1, 2, 3, -1])
   step = _step(config)
   f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
   with jax.default_matmul_precision("highest"):
-    expected, _ = step(f32(q), f32(k), f32(v), jax.tree.map(f32, store.layer_kv(layers, 1)), slot_chunk, jnp.int32(4),
+    expected, _ = step(f32(q), f32(k), f32(v), jax.tree.map(f32, store.layer_kv(layers, 1)), tables, jnp.int32(4),
                        gates, dense="xla")
-  out, _ = step(q, k, v, layers, slot_chunk, jnp.int32(4), gates, dense=dense, layer_index=jnp.int32(1))
+  out, _ = step(q, k, v, layers, tables, jnp.int32(4), gates, dense=dense, layer_index=jnp.int32(1))
   assert relative_error(out, expected) < (1e-2 if dtype == jnp.bfloat16 else 1e-5)

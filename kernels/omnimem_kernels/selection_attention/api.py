@@ -14,25 +14,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Shaped
 
-from omnimem_kernels import dispatch
+from omnimem_kernels import dispatch, kv_quant
 from omnimem_kernels.selection_attention import reference
 
 
-def _xla(q, k_blocks, v_blocks, ids, *, scale, interpret):
+def _xla(q, k_blocks, v_blocks, ids, *, k_scale, v_scale, scale, interpret):
   del interpret  # nothing to interpret: plain XLA
-  return reference.selection_attention(q, k_blocks, v_blocks, ids, scale=scale)
+  return reference.selection_attention(q, k_blocks, v_blocks, ids, scale=scale, k_scale=k_scale, v_scale=v_scale)
 
 
-def _triton(q, k_blocks, v_blocks, ids, *, scale, interpret):
+def _triton(q, k_blocks, v_blocks, ids, *, k_scale, v_scale, scale, interpret):
   if not interpret and jax.default_backend() != "gpu":
     raise NotImplementedError("pallas triton runs on GPUs (or in interpret mode)")
   from omnimem_kernels.selection_attention import pallas_triton
-  return pallas_triton.selection_attention(q, k_blocks, v_blocks, ids, scale=scale, interpret=interpret)
+  return pallas_triton.selection_attention(q, k_blocks, v_blocks, ids, scale=scale, k_scale=k_scale,
+                                           v_scale=v_scale, interpret=interpret)
 
 
-def _mosaic_gpu(q, k_blocks, v_blocks, ids, *, scale, interpret):
+def _mosaic_gpu(q, k_blocks, v_blocks, ids, *, k_scale, v_scale, scale, interpret):
+  if k_scale is not None or v_scale is not None:
+    raise NotImplementedError("pallas mosaic_gpu reads plain 16-bit blocks, not compact blocks: use triton")
   if interpret:
     raise NotImplementedError("pallas mosaic_gpu has no CPU interpret mode here; its CPU twin is 'triton'")
   if jax.default_backend() != "gpu":
@@ -41,9 +44,10 @@ def _mosaic_gpu(q, k_blocks, v_blocks, ids, *, scale, interpret):
   return pallas_mosaic_gpu.selection_attention(q, k_blocks, v_blocks, ids, scale=scale)
 
 
-def _mosaic_tpu(q, k_blocks, v_blocks, ids, *, scale, interpret):
+def _mosaic_tpu(q, k_blocks, v_blocks, ids, *, k_scale, v_scale, scale, interpret):
   from omnimem_kernels.selection_attention import pallas_mosaic_tpu
-  return pallas_mosaic_tpu.selection_attention(q, k_blocks, v_blocks, ids, scale=scale, interpret=interpret)
+  return pallas_mosaic_tpu.selection_attention(q, k_blocks, v_blocks, ids, scale=scale, k_scale=k_scale,
+                                               v_scale=v_scale, interpret=interpret)
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
@@ -75,10 +79,27 @@ def _check_shapes(q, k_blocks, v_blocks, ids) -> None:
   if k_blocks.shape[:2] != (batch, heads) or ids.shape[:2] != (batch, heads):
     raise ValueError(f"batch and head axes must agree: q {q.shape[:2]}, k_blocks {k_blocks.shape[:2]}, "
                      f"ids {ids.shape[:2]}")
-  if k_blocks.shape[-1] != head_dim:
-    raise ValueError(f"head_dim mismatch: q has {head_dim}, k_blocks {k_blocks.shape[-1]}")
+  fmt = kv_quant.format_of(k_blocks)
+  if k_blocks.shape[-1] != kv_quant.stored_head_dim(head_dim, fmt):
+    raise ValueError(f"head_dim mismatch: q has {head_dim}, {fmt} k_blocks store "
+                     f"{kv_quant.stored_head_dim(head_dim, fmt)} a row, got {k_blocks.shape[-1]}")
   if ids.shape[2] == 0 or tokens % ids.shape[2]:
     raise ValueError(f"the {tokens} query tokens must split evenly into the {ids.shape[2]} groups of ids")
+
+
+def _check_scales(k_blocks, v_blocks, k_scale, v_scale) -> None:
+  """Compact blocks (fp8, int4) need float32 [batch, heads, num_blocks] scales; plain float blocks none."""
+  fmt = kv_quant.format_of(k_blocks)
+  if kv_quant.format_of(v_blocks) != fmt:
+    raise ValueError(f"k_blocks and v_blocks must have one format, got {k_blocks.dtype} and {v_blocks.dtype}")
+  for name, block_scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+    if fmt == "bf16" and block_scale is not None:
+      raise ValueError(f"plain {k_blocks.dtype} blocks take no {name}: scales come with fp8 or int4 blocks")
+    if fmt != "bf16" and (block_scale is None or block_scale.shape != k_blocks.shape[:3]
+                          or block_scale.dtype != jnp.float32):
+      got = None if block_scale is None else f"{block_scale.dtype}{list(block_scale.shape)}"
+      raise ValueError(f"{fmt} blocks need {name} as float32{list(k_blocks.shape[:3])} (batch, heads, "
+                       f"num_blocks), got {got}")
 
 
 def check_block_ids(ids: Int[Array, "..."], num_blocks: int) -> None:
@@ -97,8 +118,10 @@ def check_block_ids(ids: Int[Array, "..."], num_blocks: int) -> None:
                      f"{int(ids[where])}, and {int(bad.sum())} ids are out of range in all")
 
 
-def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h nblk bt d"],
-                        v_blocks: Float[Array, "b h nblk bt d"], ids: Int[Array, "b h g k"], *,
+def selection_attention(q: Float[Array, "b h n d"], k_blocks: Shaped[Array, "b h nblk bt dk"],
+                        v_blocks: Shaped[Array, "b h nblk bt dk"], ids: Int[Array, "b h g k"], *,
+                        k_scale: Float[Array, "b h nblk"] | None = None,
+                        v_scale: Float[Array, "b h nblk"] | None = None,
                         implementation: str | Sequence[str] | None = None, interpret: bool | None = None,
                         scale: float | None = None,
                         check_ids: bool = False) -> tuple[Float[Array, "b h n d"], Float[Array, "b h n"]]:
@@ -106,9 +129,13 @@ def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h 
 
   Args:
     q: queries, the n tokens split into g consecutive groups (g = ids.shape[2]).
-    k_blocks, v_blocks: the store viewed as blocks (`[..., slots, tokens, d]` reshaped, no copy).
+    k_blocks, v_blocks: the store viewed as blocks (`[..., slots, tokens, d]` reshaped, no copy): plain
+      floats (dk = d), or compact blocks of one `kv_quant` format, float8_e4m3fn (dk = d) or packed int4
+      uint8 (dk = d / 2).
     ids: per (batch, head, group) the block indices to attend; -1 entries are skipped; a repeated id
       is attended as listed (its keys count twice).
+    k_scale, v_scale: the compact blocks' float32 scales (None for plain blocks); the result is that of
+      plain blocks `kv_quant.dequantize(blocks, scale, format)`.
     implementation: a backend name or a preference list; default `default_implementations()`.
     interpret: run Pallas backends in interpret mode; default: on CPU.
     scale: softmax scale, default 1 / sqrt(d).
@@ -119,9 +146,10 @@ def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h 
     scaled logits, -inf for such a group.
   """
   _check_shapes(q, k_blocks, v_blocks, ids)
+  _check_scales(k_blocks, v_blocks, k_scale, v_scale)
   if check_ids:
     check_block_ids(ids, k_blocks.shape[2])
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   names = dispatch.resolve(implementation, default_implementations())
-  return dispatch.dispatch("selection_attention", IMPLEMENTATIONS, names, q, k_blocks, v_blocks, ids, scale=scale,
-                           interpret=dispatch.interpret_mode(interpret))
+  return dispatch.dispatch("selection_attention", IMPLEMENTATIONS, names, q, k_blocks, v_blocks, ids,
+                           k_scale=k_scale, v_scale=v_scale, scale=scale, interpret=dispatch.interpret_mode(interpret))

@@ -13,9 +13,14 @@ Compute is one [rows, d] x [d, keys] matmul per item over all its groups' blocks
 block-diagonal mask (a group's rows see only its own blocks): the MXU wants large tiles, and a
 memory-bound kernel can afford the wasted products. The softmax is exact (all keys are in VMEM).
 
+Compact blocks (`omnimem_kernels/kv_quant.py`: fp8, packed int4) are DMAed as stored and decoded in
+VMEM, exactly, to q's dtype; each key's block scale multiplies its logit and, before the PV product,
+its probability. The scales of the item's listed blocks come as a [1, listed] row blocked like the ids'
+(gathered by the wrapper: a table the size of the ids; Mosaic has no vector gather from a scalar table).
+
 Tested on CPU in interpret mode with `pltpu.InterpretParams(out_of_bounds_reads="raise")`; it has not
 run on a TPU (none was lent), so Mosaic lowering limits (unaligned 15-row query slices in bf16, the
-id-mask reshape) are unverified.
+id-mask reshape, the int4 nibble interleave) are unverified.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Shaped
+
+from omnimem_kernels import kv_quant
 
 
 def _round_up(n: int, m: int) -> int:
@@ -41,9 +48,10 @@ def _groups_per_step(groups: int, group_size: int, target_rows: int) -> int:
   return max(fits) if fits else groups
 
 
-def _kernel(ids_ref, next_ids_ref, ids_vec_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf, sems, *,
-            heads: int, items_per_head: int, group_size: int, top_k: int, block_tokens: int, block_rows: int,
-            scale: float, precision):
+def _kernel(*refs, fmt: str, heads: int, items_per_head: int, group_size: int, top_k: int, block_tokens: int,
+            block_rows: int, scale: float, precision):
+  # scale_refs: the item's listed blocks' K and V scales [1, listed], for compact blocks only
+  ids_ref, next_ids_ref, ids_vec_ref, q_ref, k_hbm, v_hbm, *scale_refs, o_ref, lse_ref, k_buf, v_buf, sems = refs
   item = pl.program_id(0)
   num_items = pl.num_programs(0)
   listed = k_buf.shape[1]  # groups_per_step * top_k
@@ -88,21 +96,26 @@ def _kernel(ids_ref, next_ids_ref, ids_vec_ref, q_ref, k_hbm, v_hbm, o_ref, lse_
       copy.wait()
 
   keys = listed * block_rows
-  k = k_buf[slot].reshape(keys, k_buf.shape[-1])
-  v = v_buf[slot].reshape(keys, v_buf.shape[-1])
   q = q_ref[...]
+  k = kv_quant.decode(k_buf[slot].reshape(keys, k_buf.shape[-1]), fmt, q.dtype)  # exact; a no-op for plain blocks
+  v = kv_quant.decode(v_buf[slot].reshape(keys, v_buf.shape[-1]), fmt, q.dtype)
   rows = q.shape[0]
+  per_key = lambda x: jnp.broadcast_to(x.reshape(listed, 1), (listed, block_rows)).reshape(1, keys)  # per block -> key
   s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                       preferred_element_type=jnp.float32) * scale
+  if scale_refs:
+    s = s * per_key(scale_refs[0][...])
   key = lax.broadcasted_iota(jnp.int32, (rows, keys), 1)
   row = lax.broadcasted_iota(jnp.int32, (rows, keys), 0)
-  block_ok = jnp.broadcast_to((ids_vec_ref[...] >= 0).reshape(listed, 1), (listed, block_rows)).reshape(1, keys)
+  block_ok = per_key(ids_vec_ref[...] >= 0)
   ok = block_ok & (key % block_rows < block_tokens) & (key // (block_rows * top_k) == row // group_size)
   s = jnp.where(ok, s, -jnp.inf)
   m = jnp.max(s, axis=1, keepdims=True)
   m = jnp.where(m == -jnp.inf, 0.0, m)
   p = jnp.exp(s - m)
   l = jnp.sum(p, axis=1, keepdims=True)
+  if scale_refs:
+    p = p * per_key(scale_refs[1][...])  # after the sum: V's scale weighs the values, not the normaliser
   out = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                         preferred_element_type=jnp.float32)
   some = l > 0
@@ -111,22 +124,26 @@ def _kernel(ids_ref, next_ids_ref, ids_vec_ref, q_ref, k_hbm, v_hbm, o_ref, lse_
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "target_rows"))
-def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h nblk bt d"],
-                        v_blocks: Float[Array, "b h nblk bt d"], ids: Int[Array, "b h g k"], *, scale: float,
-                        interpret: bool = False,
+def selection_attention(q: Float[Array, "b h n d"], k_blocks: Shaped[Array, "b h nblk bt dk"],
+                        v_blocks: Shaped[Array, "b h nblk bt dk"], ids: Int[Array, "b h g k"], *, scale: float,
+                        k_scale: Float[Array, "b h nblk"] | None = None,
+                        v_scale: Float[Array, "b h nblk"] | None = None, interpret: bool = False,
                         target_rows: int = 128) -> tuple[Float[Array, "b h n d"], Float[Array, "b h n"]]:
   """Selection attention (see `api.selection_attention`) through Pallas Mosaic TPU.
 
   Args:
+    k_blocks, v_blocks, k_scale, v_scale: plain float blocks (no scales), or compact blocks of one
+      `kv_quant` format with their per-block scales.
     interpret: run on CPU under `pltpu.InterpretParams(out_of_bounds_reads="raise")`.
     target_rows: at most this many query rows (whole groups) per grid step.
 
   Raises:
-    NotImplementedError: off TPU without `interpret`, or q, k, v of mixed dtypes.
+    NotImplementedError: off TPU without `interpret`, or plain q, k, v of mixed dtypes.
   """
   if not interpret and jax.default_backend() != "tpu":
     raise NotImplementedError("pallas mosaic_tpu runs on TPUs (or with interpret=True)")
-  if not (q.dtype == k_blocks.dtype == v_blocks.dtype):
+  fmt = kv_quant.format_of(k_blocks)
+  if fmt == "bf16" and not (q.dtype == k_blocks.dtype == v_blocks.dtype):
     raise NotImplementedError(f"pallas mosaic_tpu needs one dtype for q, k, v, got {q.dtype}, {k_blocks.dtype}, "
                               f"{v_blocks.dtype}")
   batch, heads, tokens, head_dim = q.shape
@@ -137,36 +154,42 @@ def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h 
   items_per_head = groups // per_step
   num_items = batch * heads * items_per_head
   listed = per_step * top_k
-  block_rows = _round_up(block_tokens, 16 if q.dtype.itemsize < 4 else 8)
+  block_rows = _round_up(block_tokens, 32 // k_blocks.dtype.itemsize)  # whole (packed) sublane tiles
   rows = per_step * group_size
 
   table = ids.astype(jnp.int32).reshape(num_items, listed)
+  listed_blocks = jnp.maximum(table, 0).reshape(batch, heads, groups * top_k)  # -1: block 0's scale, masked
+  scale_rows = () if fmt == "bf16" else tuple(
+      jnp.take_along_axis(block_scale, listed_blocks, axis=2).reshape(num_items, 1, listed)
+      for block_scale in (k_scale, v_scale))
   q_items = q.reshape(num_items, rows, head_dim)  # free: items are consecutive rows of one head
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
-  kernel = functools.partial(_kernel, heads=heads, items_per_head=items_per_head, group_size=group_size,
+  kernel = functools.partial(_kernel, fmt=fmt, heads=heads, items_per_head=items_per_head, group_size=group_size,
                              top_k=top_k, block_tokens=block_tokens, block_rows=block_rows, scale=scale,
                              precision=precision)
   smem_row = lambda index_map: pl.BlockSpec((None, listed), index_map, memory_space=pltpu.SMEM)
+  vmem_row = pl.BlockSpec((None, 1, listed), lambda i: (i, 0, 0))
   out, lse = pl.pallas_call(
       kernel,
       grid=(num_items,),
       in_specs=[
           smem_row(lambda i: (i, 0)),
           smem_row(lambda i: (jnp.minimum(i + 1, num_items - 1), 0)),
-          pl.BlockSpec((None, 1, listed), lambda i: (i, 0, 0)),
+          vmem_row,
           pl.BlockSpec((None, rows, head_dim), lambda i: (i, 0, 0)),
           pl.BlockSpec(memory_space=pl.ANY),
           pl.BlockSpec(memory_space=pl.ANY),
+          *(vmem_row for _ in scale_rows),
       ],
       out_specs=[pl.BlockSpec((None, rows, head_dim), lambda i: (i, 0, 0)),
                  pl.BlockSpec((None, rows, 1), lambda i: (i, 0, 0))],
       out_shape=[jax.ShapeDtypeStruct((num_items, rows, head_dim), q.dtype),
                  jax.ShapeDtypeStruct((num_items, rows, 1), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((2, listed, block_rows, head_dim), k_blocks.dtype),
-                      pltpu.VMEM((2, listed, block_rows, head_dim), v_blocks.dtype),
+      scratch_shapes=[pltpu.VMEM((2, listed, block_rows, k_blocks.shape[-1]), k_blocks.dtype),
+                      pltpu.VMEM((2, listed, block_rows, v_blocks.shape[-1]), v_blocks.dtype),
                       pltpu.SemaphoreType.DMA((2, 2))],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
       interpret=pltpu.InterpretParams(out_of_bounds_reads="raise") if interpret else False,
       name="selection_attention_mosaic_tpu",
-  )(table, table, table.reshape(num_items, 1, listed), q_items, k_blocks, v_blocks)
+  )(table, table, table.reshape(num_items, 1, listed), q_items, k_blocks, v_blocks, *scale_rows)
   return out.reshape(q.shape), lse.reshape(batch, heads, tokens)

@@ -8,19 +8,30 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Shaped
+
+from omnimem_kernels import kv_quant
 
 
-def selection_attention(q: Float[Array, "b h n d"], k_blocks: Float[Array, "b h nblk bt d"],
-                        v_blocks: Float[Array, "b h nblk bt d"], ids: Int[Array, "b h g k"], *,
-                        scale: float) -> tuple[Float[Array, "b h n d"], Float[Array, "b h n"]]:
-  """Softmax attention of each group's queries over the listed blocks; -1 ids are skipped."""
+def _listed_values(blocks: Shaped[Array, "b h nblk bt dk"], block_scale: Float[Array, "b h nblk"] | None,
+                   index: Int[Array, "b h g k"]) -> Float[Array, "b h g k bt d"]:
+  """The listed blocks (index >= 0) as float32 values: plain blocks cast, compact ones dequantised."""
+  gather = jax.vmap(jax.vmap(lambda x, idx: x[idx]))  # over batch, heads
+  scales = None if block_scale is None else gather(block_scale, index)
+  return kv_quant.dequantize(gather(blocks, index), scales, kv_quant.format_of(blocks))
+
+
+def selection_attention(q: Float[Array, "b h n d"], k_blocks: Shaped[Array, "b h nblk bt dk"],
+                        v_blocks: Shaped[Array, "b h nblk bt dk"], ids: Int[Array, "b h g k"], *, scale: float,
+                        k_scale: Float[Array, "b h nblk"] | None = None, v_scale: Float[Array, "b h nblk"] | None = None
+                        ) -> tuple[Float[Array, "b h n d"], Float[Array, "b h n"]]:
+  """Softmax attention of each group's queries over the listed blocks; -1 ids are skipped. Compact
+  blocks (`kv_quant` formats, with their scales) are dequantised after the gather."""
   batch, heads, tokens, head_dim = q.shape
   groups = ids.shape[2]
   valid = ids >= 0
-  gather = jax.vmap(jax.vmap(lambda blocks, idx: blocks[idx]))  # over batch, heads
-  k_sel = gather(k_blocks, jnp.where(valid, ids, 0)).astype(jnp.float32)  # [b, h, g, k, bt, d]
-  v_sel = gather(v_blocks, jnp.where(valid, ids, 0)).astype(jnp.float32)
+  k_sel = _listed_values(k_blocks, k_scale, jnp.where(valid, ids, 0))  # [b, h, g, k, bt, d]
+  v_sel = _listed_values(v_blocks, v_scale, jnp.where(valid, ids, 0))
   q_groups = q.astype(jnp.float32).reshape(batch, heads, groups, tokens // groups, head_dim)
 
   logits = jnp.einsum("bhgqd,bhgktd->bhgqkt", q_groups, k_sel, precision=jax.lax.Precision.HIGHEST) * scale
