@@ -12,6 +12,7 @@ peak memory is per mode, then merge and plot:
   python experiments/bench_rollout.py --merge=rollout_omnimem.json,rollout_window.json,... \
       --output=benchmarks/results/rollout_h200_bf16.json --plot=benchmarks/results/rollout_h200_bf16.png
 
+`--kv_format=fp8|int4` keeps omnimem's full-resolution K/V compact (`memory.store`; default bf16).
 `--mesh=data=1,model=1` times the sharded code path (store and weights laid out on a mesh, attention
 under `shard_map`), to compare with the default single-device path on one GPU. `--backends` chooses
 each attention op's backend (`Rollout(..., backends=...)`); the JSON records what was asked for and
@@ -45,6 +46,8 @@ _BACKENDS = flags.DEFINE_string("backends", "", "Backend per attention op, e.g. 
                                 "(omnimem_kernels.backends.Backends.parse; default: per platform).")
 _MESH = flags.DEFINE_string("mesh", None, "Run the sharded path on this mesh, e.g. 'data=1,model=1' (default: the "
                             "unsharded single-device path).")
+_KV_FORMAT = flags.DEFINE_enum("kv_format", "bf16", ["bf16", "fp8", "int4"], "Full-resolution K/V format of the "
+                               "store (compact: omnimem mode).")
 _MERGE = flags.DEFINE_list("merge", None, "Merge these per-mode JSON files (instead of running).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON output path.", required=True)
 _PLOT = flags.DEFINE_string("plot", None, "With --merge: PNG of latency and memory vs video length.")
@@ -69,7 +72,7 @@ def run_mode(mode: str, chunks: int, backends: Backends) -> dict:
   model = CausalWanModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   text = np.random.default_rng(0).standard_normal((1, config.text_len, config.text_dim)).astype(jnp.bfloat16)
   mesh = None if _MESH.value is None else sharding.make_mesh(**sharding.parse_mesh(_MESH.value), config=config)
-  rollout = Rollout(model, SamplerConfig(), backends=backends, mesh=mesh)
+  rollout = Rollout(model, SamplerConfig(), backends=backends, mesh=mesh, kv_format=_KV_FORMAT.value)
   cross = rollout.cross_kv(text)
   start = time.perf_counter()
   latencies, error = [], None
@@ -85,7 +88,7 @@ def run_mode(mode: str, chunks: int, backends: Backends) -> dict:
   done = len(latencies)
   steady = latencies[1:]  # chunk 0 includes compilation
   return {
-      "mode": mode, "backends": backends.to_dict(), "backends_ran": benchmarking.backends_ran(ran), "mesh": _MESH.value,
+      "mode": mode, "kv_format": _KV_FORMAT.value, "backends": backends.to_dict(), "backends_ran": benchmarking.backends_ran(ran), "mesh": _MESH.value,
       "chunks_requested": chunks, "chunks_done": done, "error": error,
       "capacity_chunks": config.memory.capacity_chunks, "traces": rollout.traces,
       "chunk_seconds": latencies, "first_chunk_seconds_incl_compile": latencies[0] if latencies else None,
@@ -101,6 +104,7 @@ def run_mode(mode: str, chunks: int, backends: Backends) -> dict:
 def label(result: dict) -> str:
   """The mode, tagged with the backends asked for and the mesh where they differ from the defaults."""
   tags = [f"{op}={value}" for op, value in result["backends"].items() if value is not None]
+  tags += [result["kv_format"]] if result.get("kv_format", "bf16") != "bf16" else []
   tags += [f"mesh {result['mesh']}"] if result["mesh"] else []
   return f"{result['mode']}[{', '.join(tags)}]" if tags else result["mode"]
 
