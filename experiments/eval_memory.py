@@ -15,6 +15,8 @@ For each mode and each of --num_videos held-out worlds (seeds never used in trai
   recall   (omnimem) per layer, the share of the dense oracle's attention mass over the selection
            candidates that the top-k selected blocks hold, on a teacher-forcing pass over a ground-truth
            clip (noisy half at sigma 0.625, the sampler's last step), against the chance level.
+With `--kv_formats=bf16,fp8,int4` the omnimem checkpoint is evaluated once per KV store format (the
+full-resolution tier compact: `memory.store`), reported as `omnimem` (bf16) and `omnimem_fp8`, ...
 Writes JSON (and a PNG plot with --plot, default next to the JSON) atomically. The plot needs matplotlib
 (`pip install 'omnimem-jax[plot]'`); without it a one-line note says so and only the JSON is written.
 Bad input (flags, a checkpoint that is not an intact training export of its mode) gives one line
@@ -47,6 +49,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Noise seed; world seeds are 10**9 + vid
 _BACKENDS = flags.DEFINE_string("backends", "selection=xla",
                                 "Backends of the rollout's attention ops, e.g. 'selection=triton,dense=xla' "
                                 "(unset ops: per-platform defaults).")
+_KV_FORMATS = flags.DEFINE_multi_enum("kv_formats", ["bf16"], ["bf16", "fp8", "int4"],
+                                      "KV store formats to evaluate the omnimem checkpoint with.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results/memory_bench.json", "JSON results.")
 _PLOT = flags.DEFINE_string("plot", None, "PNG plot (default: --output with .png; 'none' to skip).")
 
@@ -100,7 +104,8 @@ def _plot_path(output: Path) -> Path | None:
   return Path(_PLOT.value or output.with_suffix(".png"))
 
 
-def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int, backends: Backends) -> dict[str, Any]:
+def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int, backends: Backends,
+                  kv_format: str = "bf16") -> dict[str, Any]:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
@@ -120,7 +125,7 @@ def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int, backends:
   frames = num_chunks * frames_per_chunk
   source = synthetic.revisit_schedule(world, frames)
   window_frames = memory.recent_chunks * frames_per_chunk
-  rollout = Rollout(model, SamplerConfig(), store_dtype=jnp.float32, backends=backends)
+  rollout = Rollout(model, SamplerConfig(), store_dtype=jnp.float32, backends=backends, kv_format=kv_format)
   forward = jax.jit(train.teacher_forcing_forward, static_argnames=("select_own_noisy_chunk", "with_recall"))
   prefix_scores, free_scores, recalls, timings = [], [], [], []
   for video_index in range(_NUM_VIDEOS.value):
@@ -156,7 +161,7 @@ def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int, backends:
   result = {
       "checkpoint": str(path), "config": config.to_dict(), "world": dataclasses.asdict(world),
       "training_steps": record.training.get("steps"), "training_seconds": record.training.get("train_seconds"),
-      "window_frames": window_frames, "seconds_per_video": float(np.mean(timings)),
+      "kv_format": kv_format, "window_frames": window_frames, "seconds_per_video": float(np.mean(timings)),
       "backends": rollout.backends_used,
       "prefix": evaluation.summarise(prefix_scores, min_distance=window_frames + 1),
       "free": evaluation.summarise(free_scores, min_distance=window_frames + 1),
@@ -234,14 +239,17 @@ def main(argv: Sequence[str]) -> None:
              "prefix_chunks": prefix, "world_seeds": f"{WORLD_SEED_BASE} + video index",
              "psnr": "10 log10(range^2 / MSE) on latents, range = max - min of the reference video",
              "modes": {}}
-  for mode, path in checkpoints.items():
+  runs = [(mode, path, fmt) for mode, path in checkpoints.items()
+          for fmt in (_KV_FORMATS.value if mode == "omnimem" else ["bf16"])]
+  for mode, path, kv_format in runs:
     start = time.perf_counter()
+    name = mode if kv_format == "bf16" else f"{mode}_{kv_format}"
     try:
-      results["modes"][mode] = evaluate_mode(path, mode, _NUM_CHUNKS.value, prefix, backends)
+      results["modes"][name] = evaluate_mode(path, mode, _NUM_CHUNKS.value, prefix, backends, kv_format)
     except ckpt.CheckpointError as err:  # weights damaged past what the metadata shows
       cli.fail(f"--checkpoints {mode}: {err}")
-    r = results["modes"][mode]
-    print(f"{mode:8s} prefix PSNR beyond window {r['prefix']['psnr_db']:.2f} dB SSIM {r['prefix']['ssim']:.3f} | "
+    r = results["modes"][name]
+    print(f"{name:12s} prefix PSNR beyond window {r['prefix']['psnr_db']:.2f} dB SSIM {r['prefix']['ssim']:.3f} | "
           f"free {r['free']['psnr_db']:.2f} dB | recall {r.get('retrieval_recall', {}).get('mean')} | "
           f"{time.perf_counter() - start:.0f} s", flush=True)
   modes = results["modes"]

@@ -470,9 +470,9 @@ def exported(finished_run, tmp_path_factory) -> Path:
   return export
 
 
-def fake_result(path, mode, num_chunks, prefix, backends):
+def fake_result(path, mode, num_chunks, prefix, backends, kv_format):
   """What `evaluate_mode` returns, without the evaluation."""
-  del mode, num_chunks, prefix, backends
+  del mode, num_chunks, prefix, backends, kv_format
   summary = {"psnr_db": 20.0, "ssim": 0.5, "by_distance": {"12": {"psnr_db": 20.0}}}
   return {"checkpoint": str(path), "window_frames": 9, "prefix": summary, "free": summary}
 
