@@ -17,6 +17,8 @@ peak memory is per mode, then merge and plot:
 under `shard_map`), to compare with the default single-device path on one GPU. `--backends` chooses
 each attention op's backend (`Rollout(..., backends=...)`); the JSON records what was asked for and
 what ran, beside the device, versions, commit and flags (`omnimem_jax.benchmarking.write_report`).
+JAX's GPU memory pool takes 97% of the memory unless a pool setting is given
+(`environment.use_most_device_memory`).
 
   python experiments/bench_rollout.py --preset=tiny --chunks=3 --output=/tmp/rollout.json   # smoke run
 """
@@ -34,7 +36,7 @@ from flax import nnx
 
 from omnimem_kernels import dispatch
 from omnimem_kernels.backends import Backends
-from omnimem_jax import benchmarking, io, sharding
+from omnimem_jax import benchmarking, environment, io, sharding
 from omnimem_jax.config import ATTENTION_MODES, ModelConfig, SamplerConfig
 from omnimem_jax.model.wan import CausalWanModel
 from omnimem_jax.rollout import Rollout
@@ -145,6 +147,7 @@ def merge(paths: Sequence[str], output: str, plot: str | None) -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  environment.use_most_device_memory()  # before JAX starts its backends
   if _MERGE.value:
     merge(_MERGE.value, _OUTPUT.value, _PLOT.value)
     return

@@ -20,7 +20,8 @@ full-resolution tier compact: `memory.store`), reported as `omnimem` (bf16) and 
 Writes JSON (and a PNG plot with --plot, default next to the JSON) atomically. The plot needs matplotlib
 (`pip install 'omnimem-jax[plot]'`); without it a one-line note says so and only the JSON is written.
 Bad input (flags, a checkpoint that is not an intact training export of its mode) gives one line
-`error: ...` and exit code 2 before any evaluation.
+`error: ...` and exit code 2 before any evaluation. JAX's GPU memory pool takes 97% of the memory unless a
+pool setting is given (`environment.use_most_device_memory`).
 """
 
 from __future__ import annotations
@@ -210,6 +211,9 @@ def main(argv: Sequence[str]) -> None:
   if output.suffix != ".json":
     cli.fail(f"--output={output} must end in .json")
   logging.set_verbosity(logging.WARNING)
+  from omnimem_jax import environment  # noqa: PLC0415 (imports JAX: only once the flags are good)
+
+  environment.use_most_device_memory()  # before JAX starts its backends (the checkpoint checks do)
   checkpoints = _parse_checkpoints()
   plot_path = _plot_path(output)
   for path in (output, plot_path):

@@ -19,8 +19,13 @@ r"""Generates a long video: prompt(s) in, mp4 and a JSON run report out (logic: 
 Bad input (missing or mismatched checkpoints, wrong shapes, NaN or inf embeddings, lengths past the
 RoPE horizon, a --top_k beyond the blocks there are to select, unwritable outputs, conflicting flags;
 docs/bad_inputs.md lists them) gives one line `error: ...` on stderr and exit code 2, before any weights
-are loaded. A model that makes NaN or inf latents stops the run the same way, naming the chunk. On an
-error, Ctrl-C or SIGTERM, no partial file is left and existing outputs are untouched.
+are loaded. So does a run that cannot fit in device memory: its memory plan (weights, each KV-store tier,
+VAE, the compiled steps' working sets; omnimem_jax/memory/budget.py) goes to stdout, then the line with the
+numbers and settings that would fit (a shorter video, fewer store slots, more devices). A run that fits
+prints its plan first. On a GPU, JAX's memory pool takes 97% of the memory unless the user sets
+XLA_PYTHON_CLIENT_MEM_FRACTION or another pool setting (environment.use_most_device_memory). A model that
+makes NaN or inf latents stops the run the same way, naming the chunk. On an error, Ctrl-C or SIGTERM, no
+partial file is left and existing outputs are untouched.
 """
 
 import dataclasses
@@ -96,6 +101,7 @@ def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+  environment.use_most_device_memory()  # before JAX starts its backends
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
   fields = [field.name for field in dataclasses.fields(options.GenerateOptions)]
@@ -109,6 +115,8 @@ def main(argv: Sequence[str]) -> None:
   try:
     plans = plan.plan_runs(asked)
   except options.GenerateError as err:
+    if isinstance(err, options.DoesNotFit):
+      print(err.table, flush=True)  # what the run would hold where, before the one-line refusal
     cli.fail(err)
   for stop in (signal.SIGTERM, signal.SIGINT):
     signal.signal(stop, _exit_on_signal)

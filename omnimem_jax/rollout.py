@@ -12,7 +12,8 @@ rewrites the chunk's K/V from its clean latents (`sampler.sample_chunk`). The ro
   store in the carry), `write_context` (given clean latents written as context chunks: a prefix) and
   `recache` (the recent chunks re-encoded under a new prompt);
 - `Rollout`: those functions jitted once for one model (once per segment length; the store donated),
-  placed on its devices, and the `stream` / `run` driver.
+  placed on its devices, and the `stream` / `run` driver. Built on an abstract model (`nnx.eval_shape`),
+  it lowers its segment function from shapes alone (`lower_segment`): the memory plan's working set.
 
 The chunk index is traced, so a rollout of any length compiles once per segment length. A chunk whose
 clean latents hold NaN or inf (broken weights or inputs) is recorded on the device as the state's
@@ -234,6 +235,22 @@ def recache(model: CausalWanModel, state: RolloutState, cross: CrossKV, config: 
 # ---- the compiled driver -------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _Compiled:
+  """One of a rollout's jitted functions: calling it runs it; `lower` lowers it from argument shapes alone."""
+
+  run: Callable[..., Any]
+  lower: Callable[..., jax.stages.Lowered]
+
+  def __call__(self, *args: Any) -> Any:
+    return self.run(*args)
+
+
+def is_abstract(model: nnx.Module) -> bool:
+  """Whether `model`'s parameters are shapes only (`nnx.eval_shape`), not arrays."""
+  return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model)))
+
+
 class Rollout:
   """Compiled rollout of one model: `stream` yields segments; `run` returns the whole video.
 
@@ -260,7 +277,8 @@ class Rollout:
     if mesh is not None:
       sharding.make_mesh(mesh.shape["data"], mesh.shape["model"], config=model.config, batch_size=batch_size,
                          devices=mesh.devices.flat)  # validates heads / batch divisibility
-      sharding.shard_module(model, mesh)
+      if not is_abstract(model):  # an abstract model's functions only lower, with the mesh's shardings
+        sharding.shard_module(model, mesh)
     kv_store.check_format(model.config.memory, kv_format)
     self.config = RolloutConfig(sampler=sampler, batch_size=batch_size, store_dtype=jnp.dtype(store_dtype),
                                 kv_format=kv_format, retrieval=retrieval, backends=backends, noise=noise)
@@ -278,7 +296,7 @@ class Rollout:
                                         out_axes=STATE_AXES, donate_state=True)
     self._recache = self._compile("recache", functools.partial(recache, config=self.config),
                                   in_axes=(STATE_AXES, sharding.CROSS_AXES), out_axes=STATE_AXES, donate_state=True)
-    self._segments: dict[int, Callable[..., Any]] = {}  # generate_segment jitted per segment length
+    self._segments: dict[int, _Compiled] = {}  # generate_segment jitted per segment length
     state_shardings = {} if self.mesh is None else {"out_shardings": sharding.tree_shardings(self.mesh, STATE_AXES)}
     self._fresh_state = jax.jit(lambda seed, recache_chunks: initial_state(
         model, self.config, jax.random.key(seed), recache_chunks), static_argnums=1, **state_shardings)
@@ -314,7 +332,7 @@ class Rollout:
   # ---- compiled functions and placement --------------------------------------------------------
 
   def _compile(self, name: str, fn: Callable[..., Any], *, in_axes: tuple[Any, ...], out_axes: Any,
-               donate_state: bool = False) -> Callable[..., Any]:
+               donate_state: bool = False) -> _Compiled:
     """`fn(model, *args)` jitted over the parameters; traces counted in `compilations`, the backends the
     attention ops dispatch to recorded in `backends_used`. On a mesh, inputs and outputs get the
     shardings of their logical axes (`in_axes`, `out_axes`); the state (first argument) may be donated."""
@@ -337,9 +355,13 @@ class Rollout:
         self._backends_used.setdefault(op, set()).update(names)
       return result
 
-    return call
+    def lower(*args):
+      with self._mesh_context():
+        return jitted.lower(self._params, *args)
 
-  def _segment(self, num_chunks: int) -> Callable[..., Any]:
+    return _Compiled(call, lower)
+
+  def _segment(self, num_chunks: int) -> _Compiled:
     if num_chunks not in self._segments:
       out_axes = (STATE_AXES, sharding.LATENT_AXES, () if self.config.retrieval else None)
       self._segments[num_chunks] = self._compile(
@@ -351,12 +373,36 @@ class Rollout:
     """Traces under the rollout's mesh, so attention runs under `shard_map` on local heads."""
     return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
-  def _put(self, tree: Any, axes: Any = ()) -> Any:
-    """`tree` moved explicitly (no implicit transfers) onto the rollout's devices, sharded by its
-    logical `axes` (one `sharding.Axes` for every leaf, or a tree of them) on a mesh."""
+  def _placement(self, axes: Any = ()) -> Any:
+    """Where the rollout's inputs of logical `axes` (one `sharding.Axes` for every leaf, or a tree of them)
+    live: sharded by them on a mesh, else where the parameters are (`sharding.placement_like_params`)."""
     if self.mesh is None:
-      return sharding.place_like_params(self.model, tree)
-    return jax.device_put(tree, sharding.tree_shardings(self.mesh, axes))
+      return sharding.placement_like_params(self.model)
+    return sharding.tree_shardings(self.mesh, axes)
+
+  def _put(self, tree: Any, axes: Any = ()) -> Any:
+    """`tree` moved explicitly (no implicit transfers) onto the rollout's devices (`_placement`)."""
+    return jax.device_put(tree, self._placement(axes))
+
+  def _abstract(self, tree: Any, axes: Any = ()) -> Any:
+    """The shapes of `tree`, placed as `_put` would place it: the same lowering as the real inputs'."""
+    def place(placement: jax.sharding.Sharding, subtree: Any) -> Any:
+      return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placement), subtree)
+
+    return jax.tree.map(place, self._placement(axes), tree,
+                        is_leaf=lambda node: isinstance(node, jax.sharding.Sharding))
+
+  def lower_segment(self, num_chunks: int = 1, *, recache_chunks: int = 7) -> jax.stages.Lowered:
+    """The segment function `generate` runs for `num_chunks` chunks, lowered from the shapes of its inputs
+    alone (a fresh state keeping `recache_chunks` recent chunks, one prompt's cross K/V): on a model from
+    `nnx.eval_shape` it needs no weights. `.compile().memory_analysis()` gives the step's working set
+    (`omnimem_jax.memory.budget`); on a mesh, per device. Counts as one trace in `compilations`."""
+    c = self.model.config
+    state = jax.eval_shape(lambda: initial_state(self.model, self.config, jax.random.key(0), recache_chunks))
+    text = jax.ShapeDtypeStruct((self.config.batch_size, c.text_len, c.text_dim), jnp.float32)
+    cross = self._cross_kv.lower(self._abstract(text, ("batch", None, None))).out_info
+    return self._segment(num_chunks).lower(self._abstract(state, STATE_AXES),
+                                           self._abstract(cross, sharding.CROSS_AXES))
 
   # ---- the state-level API ---------------------------------------------------------------------
 

@@ -17,13 +17,14 @@ their types.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, make_single_device_sharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec, make_single_device_sharding
 
 from omnimem_jax.config import ModelConfig
 
@@ -109,16 +110,17 @@ def named(mesh: Mesh, names: Sequence[str | None], rules: Mapping[str, str | Non
   return NamedSharding(mesh, logical_to_mesh_spec(names, rules, mesh))
 
 
+def state_axes(state: nnx.State) -> nnx.State:
+  """The logical axis names (`Axes`) of every variable of an (abstract) NNX state; () where it has none."""
+  specs = nnx.get_partition_spec(state)
+  return jax.tree.map(lambda spec: tuple(spec) if isinstance(spec, PartitionSpec) else (), specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+
+
 def state_shardings(state: nnx.State, mesh: Mesh,
                     rules: Mapping[str, str | None] = LOGICAL_RULES) -> nnx.State:
   """A NamedSharding for every variable of an (abstract) NNX state, from its logical axis names."""
-  specs = nnx.get_partition_spec(state)
-
-  def to_sharding(spec):
-    names = tuple(spec) if isinstance(spec, PartitionSpec) else ()
-    return named(mesh, names, rules)
-
-  return jax.tree.map(to_sharding, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return tree_shardings(mesh, state_axes(state), rules)
 
 
 def _is_axes(node: Any) -> bool:
@@ -131,6 +133,27 @@ def tree_shardings(mesh: Mesh, axes: Any, rules: Mapping[str, str | None] = LOGI
   `tree_shardings(mesh, store.LOGICAL_AXES)` is a KVStore of shardings. One `Axes` gives one sharding
   (for jit and `device_put`, a prefix that covers every leaf of a tree)."""
   return jax.tree.map(lambda names: named(mesh, names, rules), axes, is_leaf=_is_axes)
+
+
+def device_nbytes(tree: Any, axes: Any, sizes: Mapping[str, int], rules: Mapping[str, str | None] = LOGICAL_RULES
+                  ) -> int:
+  """Bytes of one device's shard of every array of `tree` (arrays or `jax.ShapeDtypeStruct`s: no devices
+  needed) on a ("data", "model") mesh of `sizes`, e.g. {"data": 1, "model": 2}. `axes` names their logical
+  axes as `tree_shardings` takes them (a tree of `Axes`, or one `Axes` for every leaf below it). A sharded
+  axis is divided by its mesh axis's size, rounded up (an uneven split pads the last shard); an element
+  counts `dtype.itemsize` bytes, as `jax.Array.nbytes` does."""
+  mesh = AbstractMesh(tuple(sizes[axis] for axis in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+
+  def shard_bytes(names: Axes, subtree: Any) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(subtree):
+      spec = tuple(logical_to_mesh_spec(names, rules, mesh)) if leaf.ndim else ()
+      spec += (None,) * (leaf.ndim - len(spec))
+      shard = [math.ceil(size / (sizes[axis] if axis else 1)) for size, axis in zip(leaf.shape, spec, strict=True)]
+      total += math.prod(shard) * leaf.dtype.itemsize
+    return total
+
+  return sum(jax.tree.leaves(jax.tree.map(shard_bytes, axes, tree, is_leaf=_is_axes)))
 
 
 def shard_module(module: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES) -> nnx.Module:
@@ -152,17 +175,26 @@ def module_mesh(module: nnx.Module) -> Mesh | None:
   return None
 
 
+def placement_like_params(module: nnx.Module) -> jax.sharding.Sharding:
+  """Where `place_like_params` puts a tree: replicated over the mesh of `module`'s parameters, or on their
+  (first) device; for an abstract module (`nnx.eval_shape`), the first local device, where a restore and a
+  freshly initialised model put theirs."""
+  placement = _params_sharding(module)
+  if isinstance(placement, NamedSharding):
+    return NamedSharding(placement.mesh, PartitionSpec())
+  if placement is None:
+    return make_single_device_sharding(jax.local_devices()[0])
+  return make_single_device_sharding(min(placement.device_set, key=lambda device: device.id))
+
+
 def place_like_params(module: nnx.Module, tree: Any) -> Any:
   """`tree` (e.g. a fresh KV store, a prompt's cross K/V, a VAE cache) on the devices `module`'s
-  parameters live on: replicated over their mesh, or on their device.
+  parameters live on: replicated over their mesh, or on their device (`placement_like_params`).
 
   A restored module lives on a mesh and the state its calls return carries that mesh; a first state
   without it would make the second call compile again.
   """
-  placement = _params_sharding(module)
-  if isinstance(placement, NamedSharding):
-    return jax.device_put(tree, NamedSharding(placement.mesh, PartitionSpec()))
-  return jax.device_put(tree, make_single_device_sharding(min(placement.device_set, key=lambda device: device.id)))
+  return jax.device_put(tree, placement_like_params(module))
 
 
 def context_mesh() -> jax.sharding.AbstractMesh | None:

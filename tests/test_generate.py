@@ -77,6 +77,12 @@ def test_no_flag_smoke_run(tmp_path, monkeypatch, capsys):
   assert timing["end_to_end_fps"] == pytest.approx(165 / timing["end_to_end_seconds"])
   assert timing["end_to_end_fps"] < timing["dit_fps"]
   assert report["memory"]["capacity_chunks"] == 14 and report["memory"]["chunks_dropped"] == 0
+  plan = report["memory"]["plan"]  # per part, next to the measured peak (tests/test_memory_plan.py checks the bytes)
+  assert [(part["name"], part["chunks"]) for part in plan["parts"]] == [
+      ("weights", None), ("KV store: layers", 14), ("KV store: slot_chunk", 14), ("rollout state", None),
+      ("cross K/V (1 prompt)", None), ("working set: DiT step", None)]
+  assert plan["fits"] and plan["total_bytes"] == sum(part["bytes"] for part in plan["parts"])
+  assert "memory plan on " in out and "KV store: layers" in out
   peak_bytes, platform = report["memory"]["peak_device_bytes"], jax.devices()[0].platform
   if platform == "cpu":
     assert peak_bytes is None  # CPU keeps no statistics

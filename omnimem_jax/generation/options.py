@@ -21,6 +21,16 @@ class GenerateError(ValueError):
   """Bad input: the message says what is wrong and what to do (one line)."""
 
 
+class DoesNotFit(GenerateError):
+  """The run needs more device memory than there is. The message is the one-line refusal (the numbers and the
+  settings that would fit); `table` is the memory plan (`omnimem_jax.memory.budget.MemoryPlan.table`), which
+  the command line prints before it."""
+
+  def __init__(self, message: str, table: str):
+    super().__init__(message)
+    self.table = table
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateOptions:
   """Everything `experiments/generate.py` takes as flags (None: the default that the rule names).

@@ -1,7 +1,9 @@
 """Validation and planning of a generation run: every flag, file and combination is checked before any
 weights load (only JSON checkpoint records, the text-embeddings .npy, which is small, and the prompt file
 are read), and the run is resolved into a `Plan`: paths, the model config, the length in chunks, the
-conditioning, the outputs. Any bad input raises `GenerateError` with a one-line message."""
+conditioning, the outputs, and the memory plan (`omnimem_jax.memory.budget`: the bytes of every part
+against the device's memory). Any bad input raises `GenerateError` with a one-line message; a run that
+cannot fit, `DoesNotFit`, whose message also names settings that would."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, NoReturn
 
+import jax
 import numpy as np
 from omnimem_kernels.backends import Backends
 
@@ -20,7 +23,8 @@ from omnimem_jax.config import ATTENTION_MODES, PRESETS, ModelConfig
 from omnimem_jax.convert import wan_dit
 from omnimem_jax.data.synthetic import WorldConfig
 from omnimem_jax.generation.options import (DEFAULT_PRESET, DEFAULT_SECONDS, MAX_SEED, MODEL_DIR_LAYOUT, MODEL_OUTPUT,
-                                            SMOKE_OUTPUT, GenerateError, GenerateOptions, PromptSwitch)
+                                            SMOKE_OUTPUT, DoesNotFit, GenerateError, GenerateOptions, PromptSwitch)
+from omnimem_jax.memory import budget
 from omnimem_jax.model.vae import VAEConfig
 
 LATENT_PIXEL_SCALE = 8  # the latent visualisation's upsampling (as the Wan VAE's spatial compression)
@@ -29,12 +33,15 @@ MAX_COMPARED = 4  # models side by side in one comparison
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """A validated run: resolved paths, the model config, the length in chunks, the conditioning."""
+  """A validated run: resolved paths, the model config, the length in chunks, the conditioning, the memory plan."""
 
   options: GenerateOptions
   config: ModelConfig
+  dtype: str  # compute and KV-store dtype
+  param_dtype: str  # the DiT's weights: the checkpoint's, or float32 for random weights
   checkpoint: Path | None
   vae: Path | None
+  vae_config: VAEConfig | None
   text_encoder: Path | None
   tokenizer: Path | None
   conditioning: str  # "prompt", "text_embeddings" or "random_embedding"
@@ -51,6 +58,7 @@ class Plan:
   notes: tuple[str, ...]
   world: WorldConfig | None = None  # the synthetic world the checkpoint was trained on (its revisits are known)
   trained_chunks: int | None = None  # chunks per training clip of a trained checkpoint
+  memory: budget.MemoryPlan | None = None  # what the run holds per device (set once every flag is valid)
 
   @property
   def smoke(self) -> bool:
@@ -74,6 +82,11 @@ class Plan:
   def recache_chunks(self) -> int:
     return self.options.recache_frames // self.config.memory.frames_per_chunk
 
+  @property
+  def retrieval(self) -> bool:
+    """Whether the rollout records retrieval histograms (omnimem mode, unless --noretrieval_stats)."""
+    return self.options.retrieval_stats and self.config.memory.mode == "omnimem"
+
 
 # ---- lengths ---------------------------------------------------------------------------------------
 
@@ -89,6 +102,15 @@ def chunks_for_frames(frames: int, config: ModelConfig) -> int:
   first = video_frames_of_chunks(1, config)
   later = config.vae_temporal_stride * config.memory.frames_per_chunk
   return 1 + max(0, math.ceil((frames - first) / later))
+
+
+def length_flag(num_chunks: int, config: ModelConfig, *, frames: bool = False) -> str:
+  """The flag that asks for `num_chunks` chunks: --num_frames with `frames`, else --seconds (rounded down
+  to hundredths, so that it rounds up to those chunks' frames and no more)."""
+  video_frames = video_frames_of_chunks(num_chunks, config)
+  if frames:
+    return f"--num_frames={video_frames}"
+  return f"--seconds={math.floor(video_frames / config.fps * 100) / 100:.2f}"
 
 
 def max_candidate_blocks(config: ModelConfig, num_chunks: int) -> int:
@@ -245,11 +267,10 @@ def _length(options: GenerateOptions, config: ModelConfig) -> tuple[int, int]:
   num_chunks = chunks_for_frames(frames, config)
   if num_chunks > config.max_chunks:
     longest = video_frames_of_chunks(config.max_chunks, config)
-    seconds = math.floor(longest / config.fps * 100) / 100
     _fail(f"{asked} needs {num_chunks} chunks ({num_chunks * config.memory.frames_per_chunk} latent frames), past "
           f"the RoPE horizon of {config.rope_max_frames} latent frames ({config.max_video_seconds:.1f} s); the "
-          f"longest video is {config.max_chunks} chunks = {longest} frames: --num_frames={longest} or "
-          f"--seconds={seconds:.2f}")
+          f"longest video is {config.max_chunks} chunks = {longest} frames: "
+          f"{length_flag(config.max_chunks, config, frames=True)} or {length_flag(config.max_chunks, config)}")
   return frames, num_chunks
 
 
@@ -402,10 +423,10 @@ def _training(record: checkpoints.CheckpointRecord | None) -> tuple[WorldConfig 
   return world, chunks if isinstance(chunks, int) and chunks > 0 else None
 
 
-def _vae(path: str | None, config: ModelConfig) -> tuple[Path | None, int]:
-  """(VAE checkpoint, video pixels per latent pixel); a VAE must decode the DiT's latent channels."""
+def _vae(path: str | None, config: ModelConfig) -> tuple[Path | None, VAEConfig | None, int]:
+  """(VAE checkpoint, its config, video pixels per latent pixel); a VAE must decode the DiT's latent channels."""
   if path is None:
-    return None, LATENT_PIXEL_SCALE
+    return None, None, LATENT_PIXEL_SCALE
   vae, record = _record(path, "--vae", checkpoints.Kind.VAE)
   try:
     vae_config = VAEConfig.from_dict(record.config)
@@ -413,7 +434,7 @@ def _vae(path: str | None, config: ModelConfig) -> tuple[Path | None, int]:
     raise GenerateError(f"--vae={path} holds an unreadable VAE config: {err}") from err
   if vae_config.z_dim != config.out_channels:
     _fail(f"--vae={path} has {vae_config.z_dim} latent channels but the DiT makes {config.out_channels}")
-  return vae, vae_config.spatial_compression
+  return vae, vae_config, vae_config.spatial_compression
 
 
 def _text(paths: dict[str, str | None], config: ModelConfig) -> tuple[Path, Path]:
@@ -492,31 +513,89 @@ def _notes(plan: Plan) -> tuple[str, ...]:
   return tuple(notes)
 
 
-def plan(options: GenerateOptions) -> Plan:
-  """Validates every flag, file and combination without loading weights; raises GenerateError."""
+def _validated(options: GenerateOptions) -> Plan:
+  """Every flag, file and combination checked, without loading weights (the plan has no memory plan yet);
+  raises GenerateError."""
   paths = _model_paths(options)
   _check_flags(options, paths)
   backends = _backends(options.backends)
   checkpoint, record, config, requested_frames, num_chunks = _dit(options, paths["checkpoint"])
   world, trained_chunks = _training(record)
-  vae, pixel_scale = _vae(paths["vae"], config)
+  vae, vae_config, pixel_scale = _vae(paths["vae"], config)
   wants_text = options.prompt is not None or options.prompt_file is not None
   text_encoder, tokenizer = _text(paths, config) if wants_text else (None, None)
   conditioning, prompts, batch_size, notes = _conditioning(options, config, num_chunks)
   mesh = None if options.mesh is None else _mesh(options.mesh, config, batch_size)
   output, report, latents = _outputs(options, smoke=checkpoint is None)
-  validated = Plan(options=options, config=config, checkpoint=checkpoint, vae=vae, text_encoder=text_encoder,
-                   tokenizer=tokenizer, conditioning=conditioning, prompts=tuple(prompts), batch_size=batch_size,
-                   mesh=mesh, backends=backends, num_chunks=num_chunks, requested_frames=requested_frames,
-                   output=output, report=report, latents=latents, pixel_scale=pixel_scale,
-                   notes=tuple(notes), world=world, trained_chunks=trained_chunks)
+  dtype = options.dtype or ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
+  param_dtype = (record.param_dtype if record is not None else None) or "float32"
+  validated = Plan(options=options, config=config, dtype=dtype, param_dtype=param_dtype, checkpoint=checkpoint,
+                   vae=vae, vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
+                   conditioning=conditioning, prompts=tuple(prompts), batch_size=batch_size, mesh=mesh,
+                   backends=backends, num_chunks=num_chunks, requested_frames=requested_frames, output=output,
+                   report=report, latents=latents, pixel_scale=pixel_scale, notes=tuple(notes), world=world,
+                   trained_chunks=trained_chunks)
   return dataclasses.replace(validated, notes=_notes(validated))
+
+
+# ---- the memory plan -------------------------------------------------------------------------------
+
+
+def run_shape(plans: tuple[Plan, ...]) -> budget.RunShape:
+  """What the bytes of these plans' run (one model, or a comparison) depend on (`budget.RunShape`)."""
+  first = plans[0]
+  return budget.RunShape(
+      dits=tuple(budget.DiT(plan.config, plan.param_dtype, plan.retrieval) for plan in plans),
+      batch_size=first.batch_size, dtype=first.dtype, prompts=max(1, len(first.prompts)),
+      recache_chunks=first.recache_chunks, vae=first.vae_config,
+      mesh=None if first.mesh is None else (first.mesh["data"], first.mesh["model"]), backends=first.backends)
+
+
+def _fitting_settings(first: Plan, run: budget.RunShape, memory: budget.MemoryPlan) -> str:
+  """The refusal's advice, "try A or B": at most two settings with which the run fits, a shorter video (where
+  the store holds the whole video, the default), fewer store slots (dropping the oldest chunks from memory),
+  more devices; or that nothing does."""
+  config, options, settings = first.config, first.options, []
+  slots = budget.capacity_that_fits(run, memory)
+  if slots is not None and slots < config.memory.capacity_chunks:
+    if options.capacity_chunks is None:
+      settings.append(length_flag(slots, config, frames=options.num_frames is not None))
+    settings.append(f"--capacity_chunks={slots}")
+  model = budget.model_axis_that_fits(run, memory)
+  if model is not None:
+    data = first.mesh["data"] if first.mesh else 1
+    settings.append(f"--mesh=data={data},model={model} ({data * model} devices)")
+  if not settings:
+    return (f"not even the fewest store slots (--capacity_chunks={config.memory.min_capacity_chunks}) fit: it "
+            "needs a device with more memory")
+  return f"try {' or '.join(settings[:2])}"
+
+
+def with_memory_plan(plans: tuple[Plan, ...]) -> tuple[Plan, ...]:
+  """The plans of one run with its memory plan (`budget.plan_memory`: every part per device, against
+  `budget.device_capacity`); DoesNotFit, naming the numbers and settings that would fit, when it does not."""
+  run = run_shape(plans)
+  try:
+    capacity = budget.device_capacity(run.devices)
+  except ValueError as err:
+    raise GenerateError(str(err)) from err
+  memory = budget.plan_memory(run, capacity)
+  if not memory.fits():
+    raise DoesNotFit(f"{memory.summary()}; {_fitting_settings(plans[0], run, memory)}", memory.table())
+  return tuple(dataclasses.replace(plan, memory=memory) for plan in plans)
+
+
+def plan(options: GenerateOptions) -> Plan:
+  """Validates every flag, file and combination, then plans the run's memory, without loading weights;
+  raises GenerateError (DoesNotFit for a run that cannot fit)."""
+  return with_memory_plan((_validated(options),))[0]
 
 
 def plan_runs(options: GenerateOptions) -> tuple[Plan, ...]:
   """The plans of one run: one, or one per checkpoint of a comma-separated --checkpoint, which generates
   the same video (seed, conditioning, length) with each model, side by side. The models of a comparison
-  share their architecture and differ in attention mode; raises GenerateError."""
+  share their architecture and differ in attention mode; they share one memory plan (all of them at once).
+  Raises GenerateError (DoesNotFit for a run that cannot fit)."""
   if options.checkpoint is None or "," not in options.checkpoint:
     return (plan(options),)
   paths = [path.strip() for path in options.checkpoint.split(",")]
@@ -525,7 +604,7 @@ def plan_runs(options: GenerateOptions) -> tuple[Plan, ...]:
   for flag in ("attention", "save_latents", "mesh"):
     if getattr(options, flag) is not None:
       _fail(f"--{flag} does not apply to a comparison of several checkpoints (--checkpoint={options.checkpoint})")
-  plans = tuple(plan(dataclasses.replace(options, checkpoint=path)) for path in paths)
+  plans = tuple(_validated(dataclasses.replace(options, checkpoint=path)) for path in paths)
   first = plans[0]
   for other in plans[1:]:
     if architecture(other.config) != architecture(first.config) or other.batch_size != first.batch_size:
@@ -534,4 +613,4 @@ def plan_runs(options: GenerateOptions) -> tuple[Plan, ...]:
   modes = [p.config.memory.mode for p in plans]
   if len(set(modes)) < len(modes):
     _fail(f"--checkpoint: the compared models must differ in attention mode, got {modes}")
-  return plans
+  return with_memory_plan(plans)

@@ -9,11 +9,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from omnimem_jax import environment, evaluation
-from omnimem_jax.config import store_bytes
 from omnimem_jax.data import synthetic
 from omnimem_jax.generation.options import DEFAULT_PRESET
 from omnimem_jax.generation.plan import Plan, architecture, video_frames_of_chunks
@@ -78,11 +76,14 @@ def retrieval_section(plan: Plan, histograms: np.ndarray) -> dict[str, Any]:
 # ---- lines -----------------------------------------------------------------------------------------
 
 
-def opening_lines(plan: Plan, dtype: str) -> list[str]:
-  """The plan's notes, then what is generated on which device."""
+def opening_lines(plan: Plan) -> list[str]:
+  """The plan's notes, its memory plan (what the run holds on each device), then what is generated on which
+  device."""
   config, device = plan.config, environment.device()["device"]
-  return [*plan.notes, f"generating {plan.num_chunks} chunks = {plan.frames} frames ({plan.frames / config.fps:.2f} s "
-                       f"at {config.fps} fps), {config.memory.mode} attention, {dtype} on {device}"]
+  memory = plan.memory.table().splitlines() if plan.memory is not None else []
+  return [*plan.notes, *memory,
+          f"generating {plan.num_chunks} chunks = {plan.frames} frames ({plan.frames / config.fps:.2f} s at "
+          f"{config.fps} fps), {config.memory.mode} attention, {plan.dtype} on {device}"]
 
 
 def eta_seconds(wall: list[float], num_chunks: int) -> float | None:
@@ -203,7 +204,6 @@ def comparison_report(plans: tuple[Plan, ...], records: list[dict[str, Any]], si
 def build_report(plan: Plan, facts: RunFacts) -> dict[str, Any]:
   """The JSON run report of a finished run."""
   config = plan.config
-  itemsize = jnp.dtype(facts.dtype).itemsize
   return {
       "smoke": plan.smoke,
       "notes": [*plan.notes, *facts.notes],
@@ -218,7 +218,7 @@ def build_report(plan: Plan, facts: RunFacts) -> dict[str, Any]:
       "timing": _timing(plan, facts),
       "memory": {"capacity_chunks": config.memory.capacity_chunks, "chunks_in_memory": facts.chunks_in_memory,
                  "chunks_dropped": plan.num_chunks - facts.chunks_in_memory,
-                 "store_bytes": store_bytes(config, plan.batch_size, itemsize),
+                 "plan": None if plan.memory is None else plan.memory.to_dict(),
                  "peak_device_bytes": facts.peak_device_bytes},
       "backends": backends_section(plan, facts.backends_used),
       "retrieval": None if facts.histograms is None else retrieval_section(plan, facts.histograms),

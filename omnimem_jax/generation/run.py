@@ -81,11 +81,6 @@ class ChunkDecoder:
 # ---- model and conditioning ------------------------------------------------------------------------
 
 
-def compute_dtype(options: GenerateOptions) -> jnp.dtype:
-  """--dtype, else float32 on CPU and bfloat16 on accelerators."""
-  return jnp.dtype(options.dtype or ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16"))
-
-
 def prompt_embeddings(plan: Plan) -> list[Float[Array, "b text_len text_dim"]]:
   """Text-encoder output per prompt switch, each [B, text_len, text_dim] (zero-padded as Wan does)."""
   config = plan.config
@@ -103,10 +98,11 @@ def prompt_embeddings(plan: Plan) -> list[Float[Array, "b text_len text_dim"]]:
 
 
 def load_model(plan: Plan, dtype: jnp.dtype) -> CausalWanModel:
-  """The DiT: restored from the plan's checkpoint, or random weights of its preset (a smoke run)."""
+  """The DiT, weights of the plan's dtype: restored from its checkpoint, or random weights of its preset (a
+  smoke run)."""
   if plan.checkpoint is None:
-    return CausalWanModel(plan.config, rngs=nnx.Rngs(plan.options.seed), dtype=dtype)
-  return wan_dit.restore_model(plan.checkpoint, memory=plan.config.memory, dtype=dtype,
+    return CausalWanModel(plan.config, rngs=nnx.Rngs(plan.options.seed), dtype=dtype, param_dtype=plan.param_dtype)
+  return wan_dit.restore_model(plan.checkpoint, memory=plan.config.memory, dtype=dtype, param_dtype=plan.param_dtype,
                                init_missing_gates=plan.options.init_missing_gates)
 
 
@@ -115,9 +111,8 @@ def build_rollout(plan: Plan, dtype: jnp.dtype) -> tuple[Rollout, list[tuple[int
   switches as (first chunk, cross K/V)."""
   embeddings = prompt_embeddings(plan)
   mesh = None if plan.mesh is None else sharding.make_mesh(plan.mesh["data"], plan.mesh["model"])
-  retrieval = plan.options.retrieval_stats and plan.config.memory.mode == "omnimem"
   rollout = Rollout(load_model(plan, dtype), SamplerConfig(), batch_size=plan.batch_size, store_dtype=dtype,
-                    retrieval=retrieval, backends=plan.backends, mesh=mesh)
+                    retrieval=plan.retrieval, backends=plan.backends, mesh=mesh)
   starts = [prompt.chunk for prompt in plan.prompts] or [0]
   prompts = [(chunk, rollout.cross_kv(np.broadcast_to(e, (plan.batch_size, *e.shape[1:]))))
              for chunk, e in zip(starts, embeddings, strict=True)]
@@ -274,8 +269,8 @@ def run(plans: Plan | tuple[Plan, ...], *, out: TextIO | None = None, progress: 
   height, width = Layout(plans).size
   with (Mp4Writer(first.output, height=height, width=width, fps=first.config.fps) as writer,
         warnings_as_notes(out) as run_notes):
-    dtype = compute_dtype(first.options)
-    for line in dict.fromkeys(line for plan in plans for line in report.opening_lines(plan, dtype.name)):
+    dtype = jnp.dtype(first.dtype)
+    for line in dict.fromkeys(line for plan in plans for line in report.opening_lines(plan)):
       print(line, file=out, flush=True)
     rollouts = [build_rollout(plan, dtype) for plan in plans]
     decoder = ChunkDecoder(first, batch_size=len(plans) * first.batch_size)

@@ -636,11 +636,18 @@ def count_parameters(module: nnx.Module) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param))))
 
 
+def decode_step(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, Cache]]:
+  """`decode_chunk` of the VAE `graphdef` describes, jitted over its state: `step(state, latents, cache, first)`,
+  `first` static, the cache donated, with `compiler_options()`. Its `.lower` takes shapes alone (the memory
+  plan's working set of the decode: `omnimem_jax.memory.budget`)."""
+  return jax.jit(lambda state, latents, cache, first: nnx.merge(graphdef, state).decode_chunk(latents, cache,
+                                                                                              first=first),
+                 static_argnames="first", donate_argnames="cache", compiler_options=compiler_options())
+
+
 def jit_decode_chunk(vae: WanVAE) -> Callable[..., tuple[jax.Array, Cache]]:
   """`vae.decode_chunk` jitted once per (shape, first): `fn(latents, cache, first=...) -> (video, cache)`,
-  with the cache donated and `compiler_options()`."""
+  with the cache donated and `compiler_options()` (`decode_step`)."""
   graphdef, state = nnx.split(vae)
-  step = jax.jit(lambda state, latents, cache, first: nnx.merge(graphdef, state).decode_chunk(latents, cache,
-                                                                                               first=first),
-                 static_argnames="first", donate_argnames="cache", compiler_options=compiler_options())
+  step = decode_step(graphdef)
   return lambda latents, cache, *, first: step(state, latents, cache, first)
