@@ -104,3 +104,11 @@ def test_robust_comparison_refuses_models_of_different_architectures(models, tmp
 def test_panel_upscale_reaches_256_pixels():
   assert [panels.upscale_for(width) for width in (64, 128, 256, 832)] == [4, 2, 1, 1]
   assert np.all(np.asarray([panels.upscale_for(w) * w for w in range(16, 300, 16)]) >= 256)
+
+
+def test_a_compact_store_asked_for_a_comparison_serves_its_omnimem_model_only(models):
+  options = GenerateOptions(checkpoint=f"{models['omnimem']},{models['window']}", kv_dtype="int4")
+  omnimem, window = planning.plan_runs(options)
+  assert (omnimem.kv_format, window.kv_format) == ("int4", "bf16")
+  assert "--kv_dtype=int4 applies to the omnimem models; this window model keeps a bf16 store" in window.notes
+  assert not any("kv_dtype" in note for note in omnimem.notes)

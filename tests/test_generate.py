@@ -79,10 +79,11 @@ def test_no_flag_smoke_run(tmp_path, monkeypatch, capsys):
   assert report["memory"]["capacity_chunks"] == 14 and report["memory"]["chunks_dropped"] == 0
   plan = report["memory"]["plan"]  # per part, next to the measured peak (tests/test_memory_plan.py checks the bytes)
   assert [(part["name"], part["chunks"]) for part in plan["parts"]] == [
-      ("weights", None), ("KV store: layers", 14), ("KV store: slot_chunk", 14), ("rollout state", None),
+      ("weights", None), ("KV store: full resolution", 14), ("KV store: pooled", 14), ("KV store: slot tables", None),
+      ("rollout state", None),
       ("cross K/V (1 prompt)", None), ("working set: DiT step", None)]
   assert plan["fits"] and plan["total_bytes"] == sum(part["bytes"] for part in plan["parts"])
-  assert "memory plan on " in out and "KV store: layers" in out
+  assert "memory plan on " in out and "KV store: full resolution" in out
   peak_bytes, platform = report["memory"]["peak_device_bytes"], jax.devices()[0].platform
   if platform == "cpu":
     assert peak_bytes is None  # CPU keeps no statistics
@@ -99,11 +100,13 @@ def test_no_flag_smoke_run(tmp_path, monkeypatch, capsys):
 
 
 def test_model_dir_prompt_switch_slot_reuse_and_latents(tmp_path, model_dir, capsys):
+  """A prompt schedule with a KV recache, through a compact (fp8) store whose full-resolution ring drops chunks
+  while its pooled tier keeps the video, with saved latents."""
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("# schedule\n0: a red dog runs\n\n4: a cat\n")
   # Under a chunk of recache spares the context pass a compilation (tests/test_rollout.py covers the recache).
   options = GenerateOptions(model_dir=str(model_dir), prompt_file=str(prompts), num_frames=50, capacity_chunks=3,
-                            recache_frames=2, output=str(tmp_path / "out/video.mp4"),
+                            kv_dtype="fp8", recache_frames=2, output=str(tmp_path / "out/video.mp4"),
                             save_latents=str(tmp_path / "latents.npy"), report=str(tmp_path / "run.json"))
   report = run.generate(options)
   out = capsys.readouterr().out
@@ -112,7 +115,11 @@ def test_model_dir_prompt_switch_slot_reuse_and_latents(tmp_path, model_dir, cap
   assert report["timing"]["compilations"] == 1  # a restored model's mesh does not recompile chunk 1
   assert [(p["latent_frame"], p["chunk"]) for p in report["inputs"]["prompts"]] == [(0, 0), (4, 1)]
   assert report["inputs"]["recache_chunks"] == 0  # 2 latent frames: less than a chunk
-  assert report["memory"] == {**report["memory"], "capacity_chunks": 3, "chunks_in_memory": 3, "chunks_dropped": 2}
+  assert report["memory"] == {**report["memory"], "kv_format": "fp8", "capacity_chunks": 3, "pooled_chunks": 5,
+                              "chunks_in_memory": 3, "chunks_dropped": 2}  # the pooled tier keeps all 5 chunks
+  tiers = {part["name"]: (part["dtype"], part["chunks"]) for part in report["memory"]["plan"]["parts"]}
+  assert tiers["KV store: full resolution"] == ("float8_e4m3fn", 3) and tiers["KV store: scales"] == ("float32", 3)
+  assert tiers["KV store: recent ring"] == ("float32", 3) and tiers["KV store: pooled"] == ("float32", 5)
   assert report["video"]["requested_frames"] == 50 and any("rounded up to 5 whole chunks" in n for n in report["notes"])
   latents = np.load(tmp_path / "latents.npy")
   assert latents.shape == (1, 4, 15, 8, 16) and np.isfinite(latents).all()
@@ -193,6 +200,9 @@ def _bad_input_cases(tmp: Path, model_dir: Path) -> list[tuple[dict, str]]:
       ({"batch_size": 0}, "--batch_size must be >= 1"),
       ({"backends": "selection=cuda"}, r"--backends=selection=cuda: unknown selection backend\(s\) \['cuda'\]"),
       ({"backends": "speed=fast"}, "--backends=speed=fast: backends must be op=name"),
+      ({"kv_dtype": "fp16"}, r"--kv_dtype=fp16 is unknown; choose one of \['bf16', 'fp8', 'int4'\]"),
+      ({"kv_dtype": "fp8", "attention": "window"}, "--kv_dtype=fp8 compacts .* window mode reads its whole history "
+                                                   "densely: use --kv_dtype=bf16"),
   ]
 
 

@@ -57,12 +57,14 @@ def test_parts_are_the_bytes_the_code_allocates():
   gates = layers * (dim * 3 * heads + 3 * heads)
   assert parts["weights"].bytes == 2 * (_fixture_parameters(DIT_WEIGHTS) + gates)  # bfloat16
   kv = store.init_store(config, batch, jnp.float32)
-  assert parts["KV store: layers"].bytes == _nbytes(kv.layers) == 2 * batch * heads * layers * 5 * (
-      tokens + blocks) * head_dim * 4 == store_bytes(config, batch, 4)
-  assert parts["KV store: slot_chunk"].bytes == kv.slot_chunk.nbytes == 5 * 4
-  assert [(parts[name].chunks, parts[name].dtype) for name in ("KV store: layers", "KV store: slot_chunk")] == [
-      (5, "float32"), (5, "int32")]
-  assert parts["KV store: layers"].bytes_per_chunk == store_bytes(tiny(capacity_chunks=6), batch, 4) - store_bytes(
+  full, pooled, tables = (parts[f"KV store: {name}"] for name in ("full resolution", "pooled", "slot tables"))
+  assert full.bytes == kv.layers.k.nbytes + kv.layers.v.nbytes == 2 * batch * heads * layers * 5 * tokens * head_dim * 4
+  assert pooled.bytes == 2 * batch * heads * layers * 5 * blocks * head_dim * 4
+  assert full.bytes + pooled.bytes == _nbytes(kv.layers) == store_bytes(config, batch, 4)
+  assert tables.bytes == _nbytes(kv.tables) == (5 + 5) * 4  # full and pooled tables; no recent ring
+  assert [(part.chunks, part.dtype) for part in (full, pooled)] == [(5, "float32"), (5, "float32")]
+  assert "KV store: recent ring" not in parts and "KV store: scales" not in parts  # a plain store has none
+  assert full.bytes_per_chunk + pooled.bytes_per_chunk == store_bytes(tiny(capacity_chunks=6), batch, 4) - store_bytes(
       config, batch, 4)
   rollout = RolloutConfig(batch_size=batch, store_dtype=jnp.float32)
   state = initial_state(budget.abstract_dit(shape.dits[0], "float32"), rollout, jax.random.key(0), 4)  # zeros
@@ -109,14 +111,15 @@ def test_a_mesh_divides_the_sharded_parts():
     return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
 
   assert parts["weights"].bytes == first_shards(nnx.state(model)) < _nbytes(nnx.state(model))
-  assert parts["KV store: layers"].bytes == first_shards(kv.layers) == _nbytes(kv.layers) // 4
-  assert parts["KV store: slot_chunk"].bytes == kv.slot_chunk.nbytes  # replicated
+  tiers = sum(parts[f"KV store: {name}"].bytes for name in ("full resolution", "pooled"))
+  assert tiers == first_shards(kv.layers) == _nbytes(kv.layers) // 4
+  assert parts["KV store: slot tables"].bytes == _nbytes(kv.tables)  # replicated
 
 
 def test_the_totals_summary_and_table():
   parts = (budget.Part("weights", "weights", 2_800_000_000, "bfloat16"),
-           budget.Part("KV store: layers", "KV store", 80_000_000_000, "bfloat16", 80, 10**9),
-           budget.Part("KV store: slot_chunk", "KV store", 320, "int32", 80, 4),
+           budget.Part("KV store: full resolution", "KV store", 80_000_000_000, "bfloat16", 80, 10**9),
+           budget.Part("KV store: slot tables", "KV store", 320, "int32"),
            budget.Part("working set: DiT step", "working set", 8_300_000_000, transient=True),
            budget.Part("working set: VAE decode", "working set", 5_000_000_000, transient=True))
   plan = budget.MemoryPlan(parts, budget.Capacity(79_600_000_000, "bytes_limit, XLA_PYTHON_CLIENT_MEM_FRACTION=0.97",
@@ -127,12 +130,12 @@ def test_the_totals_summary_and_table():
                             "working set 8.3")
   assert plan.table().splitlines() == [
       "memory plan on NVIDIA H100 80GB HBM3 (79.6 GB: bytes_limit, XLA_PYTHON_CLIENT_MEM_FRACTION=0.97):",
-      "  weights                     2.8 GB  bfloat16",
-      "  KV store: layers           80.0 GB  bfloat16, 80 chunks",
-      "  KV store: slot_chunk         320 B  int32, 80 chunks",
-      "  working set: DiT step       8.3 GB  compiled temp bytes; the larger working set counts",
-      "  working set: VAE decode     5.0 GB  compiled temp bytes; the larger working set counts",
-      "  total                      91.1 GB  does NOT fit"]
+      "  weights                       2.8 GB  bfloat16",
+      "  KV store: full resolution    80.0 GB  bfloat16, 80 chunks",
+      "  KV store: slot tables          320 B  int32",
+      "  working set: DiT step         8.3 GB  compiled temp bytes; the larger working set counts",
+      "  working set: VAE decode       5.0 GB  compiled temp bytes; the larger working set counts",
+      "  total                        91.1 GB  does NOT fit"]
   assert budget.format_bytes(999) == "999 B" and budget.format_bytes(1500) == "1.5 kB"
 
 
@@ -183,16 +186,17 @@ def test_robust_a_run_that_cannot_fit_is_refused_before_its_weights_load(tmp_pat
                          r"(\S+), KV store (\S+) \(14 chunks\), working set \S+; try --seconds=(\S+) or "
                          r"--capacity_chunks=(\d+)", message)
   assert numbers, message
-  kv = store_bytes(tiny(capacity_chunks=14), 1, 4) + 14 * 4  # the slot table: 14 int32
+  kv = store_bytes(tiny(capacity_chunks=14), 1, 4) + 2 * 14 * 4  # the full and pooled slot tables: 14 int32 each
   assert list(numbers.groups()[:4]) == [f"{size / 1e6:.1f}" for size in (
       fitting.total, fitting.total - 5 * per_chunk, _parts(fitting)["weights"].bytes, kv)]
   assert refused.value.table.splitlines()[-1].endswith("does NOT fit")
   seconds, slots = float(numbers[5]), int(numbers[6])
   assert 3 <= slots < 14
-  for setting in ({"capacity_chunks": slots}, {"seconds": seconds}):
-    accepted = planning.plan(dataclasses.replace(options, **setting))
-    assert accepted.memory.fits() and accepted.config.memory.capacity_chunks == slots
-  assert accepted.num_chunks == slots
+  fewer_slots = planning.plan(dataclasses.replace(options, capacity_chunks=slots))
+  assert fewer_slots.memory.fits() and fewer_slots.config.memory.capacity_chunks == slots
+  assert fewer_slots.num_chunks == fewer_slots.config.memory.pooled_chunks == 14  # the pooled tier keeps the video
+  shorter = planning.plan(dataclasses.replace(options, seconds=seconds))
+  assert shorter.memory.fits() and slots <= shorter.num_chunks == shorter.config.memory.capacity_chunks < 14
   monkeypatch.delenv(budget.CAPACITY_VARIABLE)
   with pytest.raises(CheckpointError, match="cannot restore"):
     run.generate(options)
@@ -207,17 +211,18 @@ def test_robust_cli_refuses_the_4_minute_1_3b_video_on_this_machine(tmp_path):
                           timeout=300)
   assert result.returncode == 2, result.stderr
   weights = (1_418_996_800 + 1_659_960) * 4  # docs/architecture.md: parameters, and the omnimem gates
-  kv = store_bytes(ModelConfig(memory=MemoryConfig(capacity_chunks=321)), 1, 4)
+  kv = store_bytes(ModelConfig(memory=MemoryConfig(capacity_chunks=321)), 1, 4)  # full resolution and pooled
   assert (f"{weights / 1e9:.1f}", f"{kv / 1e9:.1f}") == ("5.7", "572.3")
   table = result.stdout.splitlines()
   assert table[0] == "memory plan on cpu (40.0 GB: OMNIMEM_DEVICE_MEMORY_BYTES):"
   assert re.fullmatch(r"  weights +5\.7 GB  float32", table[1]), table
-  assert re.fullmatch(r"  KV store: layers +572\.3 GB  float32, 321 chunks", table[2]), table
+  assert re.fullmatch(r"  KV store: full resolution +553\.8 GB  float32, 321 chunks", table[2]), table
+  assert re.fullmatch(r"  KV store: pooled +18\.5 GB  float32, 321 chunks", table[3]), table
   assert table[-1].endswith("does NOT fit")
   assert result.stderr.splitlines() == [result.stderr.strip()]
   assert re.fullmatch(r"error: the run needs \S+ GB on cpu \(40\.0 GB: OMNIMEM_DEVICE_MEMORY_BYTES\): weights 5\.7, "
                       r"KV store 572\.3 \(321 chunks\), cross K/V 0\.2, working set \S+; "
-                      r"try --seconds=\S+ or --capacity_chunks=\d+", result.stderr.strip()), result.stderr
+                      r"try --seconds=\S+", result.stderr.strip()), result.stderr  # fewer slots keep 18.5 GB pooled
   assert list(tmp_path.iterdir()) == []
 
 

@@ -24,7 +24,7 @@ from omnimem_jax.convert import wan_dit
 from omnimem_jax.data.synthetic import WorldConfig
 from omnimem_jax.generation.options import (DEFAULT_PRESET, DEFAULT_SECONDS, MAX_SEED, MODEL_DIR_LAYOUT, MODEL_OUTPUT,
                                             SMOKE_OUTPUT, DoesNotFit, GenerateError, GenerateOptions, PromptSwitch)
-from omnimem_jax.memory import budget
+from omnimem_jax.memory import budget, store
 from omnimem_jax.model.vae import VAEConfig
 
 LATENT_PIXEL_SCALE = 8  # the latent visualisation's upsampling (as the Wan VAE's spatial compression)
@@ -38,6 +38,7 @@ class Plan:
   options: GenerateOptions
   config: ModelConfig
   dtype: str  # compute and KV-store dtype
+  kv_format: str  # the KV store's full-resolution tier: "bf16" (plain, at dtype), "fp8" or "int4"
   param_dtype: str  # the DiT's weights: the checkpoint's, or float32 for random weights
   checkpoint: Path | None
   vae: Path | None
@@ -365,7 +366,9 @@ def _with_memory_flags(options: GenerateOptions, config: ModelConfig, num_chunks
     memory = dataclasses.replace(config.memory, **overrides)
     capacity = (max(num_chunks, memory.min_capacity_chunks) if options.capacity_chunks is None
                 else options.capacity_chunks)
-    config = dataclasses.replace(config, memory=dataclasses.replace(memory, capacity_chunks=capacity))
+    pooled = max(num_chunks, capacity) if memory.mode == "omnimem" else None  # the whole video's pooled K/V
+    config = dataclasses.replace(config, memory=dataclasses.replace(memory, capacity_chunks=capacity,
+                                                                    pooled_chunks=pooled))
   except ValueError as err:
     raise GenerateError(f"memory flags: {err}") from err
   if options.top_k is not None and config.memory.mode == "omnimem":
@@ -513,9 +516,25 @@ def _notes(plan: Plan) -> tuple[str, ...]:
   return tuple(notes)
 
 
-def _validated(options: GenerateOptions) -> Plan:
+def kv_format(requested: str | None, mode: str, compared: bool) -> tuple[str, list[str]]:
+  """The KV store's full-resolution format for a model in `mode` (and notes): --kv_dtype, or by default fp8 on
+  GPUs in omnimem mode (the selection reads it; `memory.store`), else bf16. A compact format asked for a
+  baseline is refused, or in a comparison (`compared`) kept for the omnimem models only, with a note."""
+  if requested is not None and requested not in store.KV_FORMATS:
+    _fail(f"--kv_dtype={requested} is unknown; choose one of {list(store.KV_FORMATS)}")
+  if mode == "omnimem":
+    return requested or ("fp8" if jax.default_backend() == "gpu" else "bf16"), []
+  if requested in (None, "bf16"):
+    return "bf16", []
+  if not compared:
+    _fail(f"--kv_dtype={requested} compacts the K/V omnimem's selection reads; {mode} mode reads its whole history "
+          "densely: use --kv_dtype=bf16")
+  return "bf16", [f"--kv_dtype={requested} applies to the omnimem models; this {mode} model keeps a bf16 store"]
+
+
+def _validated(options: GenerateOptions, compared: bool = False) -> Plan:
   """Every flag, file and combination checked, without loading weights (the plan has no memory plan yet);
-  raises GenerateError."""
+  raises GenerateError. `compared`: one model of a side-by-side comparison."""
   paths = _model_paths(options)
   _check_flags(options, paths)
   backends = _backends(options.backends)
@@ -529,7 +548,10 @@ def _validated(options: GenerateOptions) -> Plan:
   output, report, latents = _outputs(options, smoke=checkpoint is None)
   dtype = options.dtype or ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
   param_dtype = (record.param_dtype if record is not None else None) or "float32"
-  validated = Plan(options=options, config=config, dtype=dtype, param_dtype=param_dtype, checkpoint=checkpoint,
+  store_format, format_notes = kv_format(options.kv_dtype, config.memory.mode, compared)
+  notes = [*notes, *format_notes]
+  validated = Plan(options=options, config=config, dtype=dtype, kv_format=store_format, param_dtype=param_dtype,
+                   checkpoint=checkpoint,
                    vae=vae, vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
                    conditioning=conditioning, prompts=tuple(prompts), batch_size=batch_size, mesh=mesh,
                    backends=backends, num_chunks=num_chunks, requested_frames=requested_frames, output=output,
@@ -545,21 +567,26 @@ def run_shape(plans: tuple[Plan, ...]) -> budget.RunShape:
   """What the bytes of these plans' run (one model, or a comparison) depend on (`budget.RunShape`)."""
   first = plans[0]
   return budget.RunShape(
-      dits=tuple(budget.DiT(plan.config, plan.param_dtype, plan.retrieval) for plan in plans),
+      dits=tuple(budget.DiT(plan.config, plan.param_dtype, plan.retrieval, plan.kv_format) for plan in plans),
       batch_size=first.batch_size, dtype=first.dtype, prompts=max(1, len(first.prompts)),
       recache_chunks=first.recache_chunks, vae=first.vae_config,
       mesh=None if first.mesh is None else (first.mesh["data"], first.mesh["model"]), backends=first.backends)
 
 
 def _fitting_settings(first: Plan, run: budget.RunShape, memory: budget.MemoryPlan) -> str:
-  """The refusal's advice, "try A or B": at most two settings with which the run fits, a shorter video (where
-  the store holds the whole video, the default), fewer store slots (dropping the oldest chunks from memory),
-  more devices; or that nothing does."""
+  """The refusal's advice, "try A or B": at most two settings with which the run fits, a compact KV store, a
+  shorter video (where the store holds the whole video, the default), fewer store slots (dropping the oldest
+  chunks from memory), more devices; or that nothing does."""
   config, options, settings = first.config, first.options, []
+  compact = budget.with_kv_format(run, "fp8")
+  if compact != run and budget.plan_memory(compact, memory.capacity).fits():
+    settings.append("--kv_dtype=fp8")
+  if options.capacity_chunks is None:
+    chunks = budget.capacity_that_fits(run, memory, shorter_video=True)
+    if chunks is not None and chunks < config.memory.capacity_chunks:
+      settings.append(length_flag(chunks, config, frames=options.num_frames is not None))
   slots = budget.capacity_that_fits(run, memory)
   if slots is not None and slots < config.memory.capacity_chunks:
-    if options.capacity_chunks is None:
-      settings.append(length_flag(slots, config, frames=options.num_frames is not None))
     settings.append(f"--capacity_chunks={slots}")
   model = budget.model_axis_that_fits(run, memory)
   if model is not None:
@@ -604,7 +631,7 @@ def plan_runs(options: GenerateOptions) -> tuple[Plan, ...]:
   for flag in ("attention", "save_latents", "mesh"):
     if getattr(options, flag) is not None:
       _fail(f"--{flag} does not apply to a comparison of several checkpoints (--checkpoint={options.checkpoint})")
-  plans = tuple(_validated(dataclasses.replace(options, checkpoint=path)) for path in paths)
+  plans = tuple(_validated(dataclasses.replace(options, checkpoint=path), compared=True) for path in paths)
   first = plans[0]
   for other in plans[1:]:
     if architecture(other.config) != architecture(first.config) or other.batch_size != first.batch_size:

@@ -112,7 +112,7 @@ def build_rollout(plan: Plan, dtype: jnp.dtype) -> tuple[Rollout, list[tuple[int
   embeddings = prompt_embeddings(plan)
   mesh = None if plan.mesh is None else sharding.make_mesh(plan.mesh["data"], plan.mesh["model"])
   rollout = Rollout(load_model(plan, dtype), SamplerConfig(), batch_size=plan.batch_size, store_dtype=dtype,
-                    retrieval=plan.retrieval, backends=plan.backends, mesh=mesh)
+                    kv_format=plan.kv_format, retrieval=plan.retrieval, backends=plan.backends, mesh=mesh)
   starts = [prompt.chunk for prompt in plan.prompts] or [0]
   prompts = [(chunk, rollout.cross_kv(np.broadcast_to(e, (plan.batch_size, *e.shape[1:]))))
              for chunk, e in zip(starts, embeddings, strict=True)]

@@ -1,7 +1,8 @@
 """The memory plan: what a run needs in device memory, and whether it fits, before any weights load.
 
-A run holds on each device: the DiT's weights; the KV store, one tier per top-level field of its pytree
-(today `layers`, every layer's full-resolution and pooled K/V, and `slot_chunk`, the slot table); the
+A run holds on each device: the DiT's weights; the KV store, one part per tier (`KV_TIERS`: the
+full-resolution K/V, plain or compact, their scales, the plain recent ring, the pooled K/V) and its slot
+tables; the
 rest of the rollout state (the recent clean latents a prompt switch re-encodes, the noise key); every
 prompt's cross K/V; with a VAE, its weights and its streaming decode cache. On top comes the working set
 of the compiled step that runs: the DiT's chunk step or the VAE's chunk decode. They run one after the
@@ -53,15 +54,25 @@ from omnimem_jax.rollout import STATE_AXES, Rollout, RolloutConfig, initial_stat
 CAPACITY_VARIABLE = "OMNIMEM_DEVICE_MEMORY_BYTES"
 ONE_DEVICE = {axis: 1 for axis in sharding.MESH_AXES}
 
+# The KV store's tiers as the plan shows them: (name, the `LayerKV` fields, the chunks the tier holds).
+FULL_TIER = "full resolution"
+KV_TIERS: tuple[tuple[str, tuple[str, str], Any], ...] = (
+    (FULL_TIER, ("k", "v"), lambda memory, fmt: memory.capacity_chunks),
+    ("scales", ("k_scale", "v_scale"), lambda memory, fmt: memory.capacity_chunks),
+    ("recent ring", ("k_recent", "v_recent"), kv_store.recent_slots),
+    ("pooled", ("k_pooled", "v_pooled"), lambda memory, fmt: memory.pooled_slots),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class DiT:
   """One DiT of a run: its config with the run's memory settings, its weights' dtype, whether the rollout
-  returns retrieval histograms."""
+  returns retrieval histograms, its KV store's full-resolution format (`memory.store`)."""
 
   config: ModelConfig
   param_dtype: str
   retrieval: bool = False
+  kv_format: str = "bf16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +117,8 @@ class Part:
       or "working set".
     bytes: on one device.
     dtype: the dtypes of its arrays, "+"-joined (None for a working set).
-    chunks: for a KV tier that grows with the store's capacity, the chunks it holds (its slots).
-    bytes_per_chunk: for such a tier, the bytes one more slot adds.
+    chunks: for a KV tier, the chunks it holds (its slots).
+    bytes_per_chunk: for a KV tier, the bytes one more full-resolution slot adds to it.
     transient: a working set: of those only the largest counts (the steps run one after the other).
   """
 
@@ -178,7 +189,7 @@ class MemoryPlan:
     steps = [part.bytes for part in self.parts if part.transient]
     if steps:
       groups["working set"] = max(steps)
-    slots = max((part.chunks for part in self.parts if part.chunks is not None), default=None)
+    slots = max((part.chunks for part in self.parts if part.name.startswith(f"KV store: {FULL_TIER}")), default=None)
     scale = unit_of(self.total)[1]
     shown = [f"{group} {size / scale:.1f}" + (f" ({slots} chunks)" if group == "KV store" else "")
              for group, size in groups.items() if size >= scale / 20]
@@ -254,16 +265,37 @@ def abstract_dit(dit: DiT, dtype: str) -> CausalWanModel:
                                                param_dtype=jnp.dtype(dit.param_dtype)))
 
 
-def _store(config: ModelConfig, run: RunShape, capacity_chunks: int) -> Any:
-  """The shapes of an empty KV store (`store.init_store`) of `capacity_chunks` slots."""
-  config = dataclasses.replace(config, memory=dataclasses.replace(config.memory, capacity_chunks=capacity_chunks))
-  return jax.eval_shape(lambda: kv_store.init_store(config, run.batch_size, jnp.dtype(run.dtype)))
+def _store(config: ModelConfig, run: RunShape, kv_format: str) -> Any:
+  """The shapes of an empty KV store (`store.init_store`)."""
+  return jax.eval_shape(lambda: kv_store.init_store(config, run.batch_size, jnp.dtype(run.dtype),
+                                                    kv_format=kv_format))
 
 
-def _top_level(tree: Any) -> list[tuple[str, Any]]:
-  """(name, subtree) of each top-level field of a pytree."""
-  fields = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda node: node is not tree)[0]
-  return [(jax.tree_util.keystr(path, simple=True, separator="."), child) for path, child in fields]
+def _one_more_slot(config: ModelConfig) -> ModelConfig:
+  """`config` with one more full-resolution slot (and the pooled tier at least as long)."""
+  memory = config.memory
+  pooled = None if memory.pooled_chunks is None else max(memory.pooled_chunks, memory.capacity_chunks + 1)
+  return dataclasses.replace(config, memory=dataclasses.replace(memory, capacity_chunks=memory.capacity_chunks + 1,
+                                                                pooled_chunks=pooled))
+
+
+def store_parts(run: RunShape, dit: DiT, label: str = "") -> list[Part]:
+  """One part per KV tier holding anything (`KV_TIERS`: its bytes per device, dtype, chunks held and the bytes
+  one more full-resolution slot adds to it) and the slot tables."""
+  axes, sizes = kv_store.LOGICAL_AXES, run.sizes
+  store, bigger = _store(dit.config, run, dit.kv_format), _store(_one_more_slot(dit.config), run, dit.kv_format)
+  parts = []
+  for name, fields, chunks in KV_TIERS:
+    tier_axes = {field: getattr(axes.layers, field) for field in fields}
+    size, grown = (sharding.device_nbytes({field: getattr(x.layers, field) for field in fields}, tier_axes, sizes)
+                   for x in (store, bigger))
+    if size:
+      tier = {field: getattr(store.layers, field) for field in fields}
+      parts.append(Part(f"KV store: {name}{label}", "KV store", size, _dtypes(tier),
+                        chunks(dit.config.memory, dit.kv_format), grown - size))
+  parts.append(Part(f"KV store: slot tables{label}", "KV store",
+                    sharding.device_nbytes(store.tables, axes.tables, sizes), _dtypes(store.tables)))
+  return parts
 
 
 def dit_parts(run: RunShape, dit: DiT, label: str = "") -> list[Part]:
@@ -273,15 +305,8 @@ def dit_parts(run: RunShape, dit: DiT, label: str = "") -> list[Part]:
   params = nnx.state(model)
   parts = [Part(f"weights{label}", "weights", sharding.device_nbytes(params, sharding.state_axes(params), sizes),
                 _dtypes(params))]
-  slots = dit.config.memory.capacity_chunks
-  store, bigger = _store(dit.config, run, slots), _store(dit.config, run, slots + 1)
-  tiers = zip(_top_level(store), _top_level(bigger), _top_level(kv_store.LOGICAL_AXES), strict=True)
-  for (name, tier), (_, grown), (_, axes) in tiers:
-    size = sharding.device_nbytes(tier, axes, sizes)
-    growth = sharding.device_nbytes(grown, axes, sizes) - size
-    parts.append(Part(f"KV store: {name}{label}", "KV store", size, _dtypes(tier), slots if growth else None,
-                      growth))
-  config = RolloutConfig(batch_size=run.batch_size, store_dtype=jnp.dtype(run.dtype))
+  parts += store_parts(run, dit, label)
+  config = RolloutConfig(batch_size=run.batch_size, store_dtype=jnp.dtype(run.dtype), kv_format=dit.kv_format)
   state = jax.eval_shape(lambda: initial_state(model, config, jax.random.key(0), run.recache_chunks))
   rest = dataclasses.replace(state, store=())  # the state's other fields (the store is the tiers above)
   rest_axes = dataclasses.replace(STATE_AXES, store=())
@@ -341,7 +366,7 @@ def dit_step_bytes(dit: DiT, batch_size: int, dtype: str, recache_chunks: int, m
   """The temp bytes of the DiT's compiled one-chunk segment (what `Rollout.stream` runs), lowered from shapes
   alone on the run's mesh (then per device); measured once per process for each set of arguments."""
   rollout = Rollout(abstract_dit(dit, dtype), SamplerConfig(), batch_size=batch_size, store_dtype=dtype,
-                    retrieval=dit.retrieval, backends=backends,
+                    kv_format=dit.kv_format, retrieval=dit.retrieval, backends=backends,
                     mesh=None if mesh is None else sharding.make_mesh(*mesh))
   return _temp_bytes(rollout.lower_segment(1, recache_chunks=recache_chunks))
 
@@ -392,18 +417,29 @@ def model_axis_that_fits(run: RunShape, plan: MemoryPlan) -> int | None:
   return None
 
 
-def with_capacity(run: RunShape, capacity_chunks: int) -> RunShape:
-  """`run` with every model's store of `capacity_chunks` slots."""
+def with_capacity(run: RunShape, capacity_chunks: int, shorter_video: bool = False) -> RunShape:
+  """`run` with every model's store of `capacity_chunks` full-resolution slots; the pooled tier keeps its
+  length (the video's), or with `shorter_video` shrinks with them (a video of `capacity_chunks` chunks)."""
   def resized(dit: DiT) -> DiT:
-    memory = dataclasses.replace(dit.config.memory, capacity_chunks=capacity_chunks)
+    pooled = dit.config.memory.pooled_chunks
+    pooled = None if pooled is None or shorter_video else max(pooled, capacity_chunks)
+    memory = dataclasses.replace(dit.config.memory, capacity_chunks=capacity_chunks, pooled_chunks=pooled)
     return dataclasses.replace(dit, config=dataclasses.replace(dit.config, memory=memory))
 
   return dataclasses.replace(run, dits=tuple(resized(dit) for dit in run.dits))
 
 
-def capacity_that_fits(run: RunShape, plan: MemoryPlan, tries: int = 3) -> int | None:
-  """Store slots (`capacity_chunks`, at most the planned) with which the run fits `plan`'s capacity, or None
-  if not even the fewest its attention modes allow do (or the capacity is unknown). The bytes grow about
+def with_kv_format(run: RunShape, kv_format: str) -> RunShape:
+  """`run` with its omnimem models' stores in `kv_format` (the baselines keep theirs)."""
+  return dataclasses.replace(run, dits=tuple(
+      dataclasses.replace(dit, kv_format=kv_format) if dit.config.memory.mode == "omnimem" else dit
+      for dit in run.dits))
+
+
+def capacity_that_fits(run: RunShape, plan: MemoryPlan, tries: int = 3, shorter_video: bool = False) -> int | None:
+  """Store slots (`capacity_chunks`, at most the planned; with `shorter_video` the video's chunks, see
+  `with_capacity`) with which the run fits `plan`'s capacity, or None if not even the fewest its attention
+  modes allow do (or the capacity is unknown). The bytes grow about
   linearly with the slots (the store, and the working set's scores over the history), so a guess
   interpolates between the fewest slots and the planned; each guess is confirmed by its own plan (one more
   compile), and one that does not fit becomes the upper end of the next."""
@@ -413,14 +449,14 @@ def capacity_that_fits(run: RunShape, plan: MemoryPlan, tries: int = 3) -> int |
     return high
   if high <= low:
     return None
-  fewest = plan_memory(with_capacity(run, low), plan.capacity)
+  fewest = plan_memory(with_capacity(run, low, shorter_video), plan.capacity)
   if not fewest.fits():
     return None
   for _ in range(tries):
     guess = low + (plan.capacity.bytes - fewest.total) * (high - low) // (high_total - fewest.total)
     if guess <= low:
       break
-    candidate = plan_memory(with_capacity(run, guess), plan.capacity)
+    candidate = plan_memory(with_capacity(run, guess, shorter_video), plan.capacity)
     if candidate.fits():
       return guess
     high, high_total = guess, candidate.total
