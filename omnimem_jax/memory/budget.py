@@ -112,7 +112,7 @@ class Part:
   """One thing a run holds on a device.
 
   Attributes:
-    name: e.g. "weights", "KV store: layers", "working set: DiT step".
+    name: e.g. "weights", "KV store: full resolution", "working set: DiT step".
     group: what the one-line summary adds it to: "weights", "KV store", "rollout state", "cross K/V", "VAE",
       or "working set".
     bytes: on one device.
@@ -299,7 +299,7 @@ def store_parts(run: RunShape, dit: DiT, label: str = "") -> list[Part]:
 
 
 def dit_parts(run: RunShape, dit: DiT, label: str = "") -> list[Part]:
-  """Weights, one part per KV tier (a top-level field of the store), the rest of the rollout state and the
+  """Weights, one part per KV tier (`store_parts`), the rest of the rollout state and the
   prompts' cross K/V of one DiT, per device. A tier's growth per slot is the difference at one more slot."""
   model, sizes = abstract_dit(dit, run.dtype), run.sizes
   params = nnx.state(model)
