@@ -81,7 +81,7 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and 
                            "on CPU, else bfloat16).")
 _KV_DTYPE = flags.DEFINE_enum("kv_dtype", None, ["bf16", "fp8", "int4"], "omnimem: the KV store's full-resolution "
                               "K/V, plain (bf16) or compact (fp8, int4: half, a quarter of the bytes; read only by "
-                              "the selection); default fp8 on GPUs, bf16 elsewhere.")
+                              "the selection); default bf16.")
 _MESH = flags.DEFINE_string("mesh", None, "Devices as 'data=D,model=M': the batch over D, heads (weights and KV "
                             "store) over M (a divisor of the heads); default one device.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Videos side by side, each its own noise (default: the "

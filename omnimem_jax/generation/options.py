@@ -53,7 +53,7 @@ class GenerateOptions:
     init_missing_gates: omnimem mode from a checkpoint without gates (untrained gates).
     dtype: compute and KV-store dtype: "float32", "bfloat16", or None (float32 on CPU, else bfloat16).
     kv_dtype: the KV store's full-resolution tier in omnimem mode: "bf16" (plain, at dtype), or compact "fp8" /
-      "int4" (`omnimem_jax.memory.store`); None: fp8 on GPUs, bf16 elsewhere. Other modes keep bf16.
+      "int4" (`omnimem_jax.memory.store`); None: bf16. Other modes keep bf16.
     retrieval_stats: record per-layer retrieval histograms in omnimem mode (one extra scoring pass).
     mesh: e.g. "data=2,model=2": shard the batch over "data" and the heads (weights, KV store) over
       "model" (`omnimem_jax.sharding`); None runs on one device.
