@@ -20,7 +20,7 @@ Bad input (missing or mismatched checkpoints, wrong shapes, NaN or inf embedding
 RoPE horizon, a --top_k beyond the blocks there are to select, unwritable outputs, conflicting flags;
 docs/bad_inputs.md lists them) gives one line `error: ...` on stderr and exit code 2, before any weights
 are loaded. So does a run that cannot fit in device memory: its memory plan (weights, each KV-store tier,
-VAE, the compiled steps' working sets; omnimem_jax/memory/budget.py) goes to stdout, then the line with the
+VAE, the compiled steps' working sets; omnimem_jax/budget.py) goes to stdout, then the line with the
 numbers and settings that would fit (a shorter video, fewer store slots, more devices). A run that fits
 prints its plan first. On a GPU, JAX's memory pool takes 97% of the memory unless the user sets
 XLA_PYTHON_CLIENT_MEM_FRACTION or another pool setting (environment.use_most_device_memory). A model that

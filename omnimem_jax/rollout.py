@@ -396,7 +396,7 @@ class Rollout:
     """The segment function `generate` runs for `num_chunks` chunks, lowered from the shapes of its inputs
     alone (a fresh state keeping `recache_chunks` recent chunks, one prompt's cross K/V): on a model from
     `nnx.eval_shape` it needs no weights. `.compile().memory_analysis()` gives the step's working set
-    (`omnimem_jax.memory.budget`); on a mesh, per device. Counts as one trace in `compilations`."""
+    (`omnimem_jax.budget`); on a mesh, per device. Counts as one trace in `compilations`."""
     c = self.model.config
     state = jax.eval_shape(lambda: initial_state(self.model, self.config, jax.random.key(0), recache_chunks))
     text = jax.ShapeDtypeStruct((self.config.batch_size, c.text_len, c.text_dim), jnp.float32)

@@ -1,4 +1,4 @@
-"""The memory plan (omnimem_jax/memory/budget.py): every part equals the bytes the code allocates; a run that
+"""The memory plan (omnimem_jax/budget.py): every part equals the bytes the code allocates; a run that
 cannot fit is refused (exit code 2, the numbers and settings that would fit) before any weights load; JAX's
 GPU pool fraction is raised unless the user chose one."""
 
@@ -15,13 +15,13 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from omnimem_jax import environment, sharding
+from omnimem_jax import budget, environment, sharding
 from omnimem_jax.checkpoints import CheckpointError
 from omnimem_jax.config import MemoryConfig, ModelConfig, store_bytes
 from omnimem_jax.generation import plan as planning
 from omnimem_jax.generation import run
 from omnimem_jax.generation.options import DoesNotFit, GenerateError, GenerateOptions
-from omnimem_jax.memory import budget, store
+from omnimem_jax.memory import store
 from omnimem_jax.model.vae import VAEConfig
 from omnimem_jax.model.wan import CausalWanModel, count_parameters
 from omnimem_jax.rollout import RolloutConfig, generate_segment, initial_state

@@ -23,7 +23,7 @@ class GenerateError(ValueError):
 
 class DoesNotFit(GenerateError):
   """The run needs more device memory than there is. The message is the one-line refusal (the numbers and the
-  settings that would fit); `table` is the memory plan (`omnimem_jax.memory.budget.MemoryPlan.table`), which
+  settings that would fit); `table` is the memory plan (`omnimem_jax.budget.MemoryPlan.table`), which
   the command line prints before it."""
 
   def __init__(self, message: str, table: str):

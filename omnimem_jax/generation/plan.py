@@ -1,7 +1,7 @@
 """Validation and planning of a generation run: every flag, file and combination is checked before any
 weights load (only JSON checkpoint records, the text-embeddings .npy, which is small, and the prompt file
 are read), and the run is resolved into a `Plan`: paths, the model config, the length in chunks, the
-conditioning, the outputs, and the memory plan (`omnimem_jax.memory.budget`: the bytes of every part
+conditioning, the outputs, and the memory plan (`omnimem_jax.budget`: the bytes of every part
 against the device's memory). Any bad input raises `GenerateError` with a one-line message; a run that
 cannot fit, `DoesNotFit`, whose message also names settings that would."""
 
@@ -18,13 +18,13 @@ import jax
 import numpy as np
 from omnimem_kernels.backends import Backends
 
-from omnimem_jax import checkpoints
+from omnimem_jax import budget, checkpoints
 from omnimem_jax.config import ATTENTION_MODES, PRESETS, ModelConfig
 from omnimem_jax.convert import wan_dit
 from omnimem_jax.data.synthetic import WorldConfig
 from omnimem_jax.generation.options import (DEFAULT_PRESET, DEFAULT_SECONDS, MAX_SEED, MODEL_DIR_LAYOUT, MODEL_OUTPUT,
                                             SMOKE_OUTPUT, DoesNotFit, GenerateError, GenerateOptions, PromptSwitch)
-from omnimem_jax.memory import budget, store
+from omnimem_jax.memory import store
 from omnimem_jax.model.vae import VAEConfig
 
 LATENT_PIXEL_SCALE = 8  # the latent visualisation's upsampling (as the Wan VAE's spatial compression)

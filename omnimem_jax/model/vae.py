@@ -639,7 +639,7 @@ def count_parameters(module: nnx.Module) -> int:
 def decode_step(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, Cache]]:
   """`decode_chunk` of the VAE `graphdef` describes, jitted over its state: `step(state, latents, cache, first)`,
   `first` static, the cache donated, with `compiler_options()`. Its `.lower` takes shapes alone (the memory
-  plan's working set of the decode: `omnimem_jax.memory.budget`)."""
+  plan's working set of the decode: `omnimem_jax.budget`)."""
   return jax.jit(lambda state, latents, cache, first: nnx.merge(graphdef, state).decode_chunk(latents, cache,
                                                                                               first=first),
                  static_argnames="first", donate_argnames="cache", compiler_options=compiler_options())
