@@ -98,8 +98,8 @@ def make_inputs(preset: str, chunks: int, seed: int = 0) -> Inputs:
   token_shape = (1, config.tokens_per_chunk, config.num_heads, config.head_dim)
   q, k, v = (jax.random.normal(key, token_shape, jnp.bfloat16) for key in keys[2:5])
   gates = jax.random.normal(keys[5], (*token_shape[:3], 3), jnp.float32)
-  held, chunk_index = jnp.arange(chunks, dtype=jnp.int32), jnp.int32(chunks - 1)
-  tables = store.SlotTables(full=held, recent=jnp.zeros((0,), jnp.int32), pooled=held)
+  chunk_index = jnp.int32(chunks - 1)
+  tables = store.written_tables(config.memory, chunks - 1)  # chunk c's slots are assigned by the call
   return Inputs(config, layer, tables, store.assign(tables, chunk_index, config.memory), chunk_index, q, k, v, gates)
 
 
@@ -107,20 +107,18 @@ def compact_inputs(inp: Inputs, kv_format: str) -> Inputs:
   """The same history in a compact store: the full-resolution tier quantised per block and head, the
   last window_chunks chunks plain in the recent ring (at slot chunk mod window), pooled K/V as is."""
   config = inp.config
-  chunks, window = inp.tables.full.shape[0], config.memory.window_chunks
+  chunks = inp.tables.full.shape[0]
   blocks = (1, config.num_heads, -1, config.memory.block_tokens, config.head_dim)
   empty = store.layer_kv(store.init_store(config, 1, num_layers=1, kv_format=kv_format).layers, 0)
+  tables = store.written_tables(config.memory, chunks - 1, kv_format)
+  assigned = store.assign(tables, inp.chunk_index, config.memory)
   fields = {}
   for name in ("k", "v"):
-    plain = getattr(inp.layer, name)
+    plain = getattr(inp.layer, name)  # slot s holds chunk s
     data, scale = kv_quant.quantize(plain.reshape(blocks), kv_format)
-    recent = np.arange(chunks - window, chunks)
-    ring = recent[np.argsort(recent % window)]  # ring slot r holds the recent chunk x with x mod window = r
     fields.update({name: data.reshape(getattr(empty, name).shape), f"{name}_scale": scale.reshape(empty.k_scale.shape),
-                   f"{name}_recent": plain[:, :, ring], f"{name}_pooled": getattr(inp.layer, f"{name}_pooled")})
-  tables = dataclasses.replace(inp.tables, recent=jnp.asarray(ring, jnp.int32))
-  return dataclasses.replace(inp, layer=dataclasses.replace(empty, **fields), tables=tables,
-                             assigned=store.assign(tables, inp.chunk_index, config.memory))
+                   f"{name}_recent": plain[:, :, assigned.recent], f"{name}_pooled": getattr(inp.layer, f"{name}_pooled")})
+  return dataclasses.replace(inp, layer=dataclasses.replace(empty, **fields), tables=tables, assigned=assigned)
 
 
 class Recorder:

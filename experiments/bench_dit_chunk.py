@@ -28,7 +28,7 @@ from omnimem_kernels import dispatch
 from omnimem_kernels.backends import Backends
 from omnimem_jax import benchmarking, environment
 from omnimem_jax.config import ModelConfig
-from omnimem_jax.memory.store import KVStore, LayerKV, SlotTables, init_store, layer_kv
+from omnimem_jax.memory.store import KVStore, LayerKV, init_store, layer_kv, written_tables
 from omnimem_jax.model.wan import CausalWanModel, count_parameters
 
 _MODES = flags.DEFINE_list("modes", ["omnimem", "window"], "Attention modes to time.")
@@ -59,10 +59,7 @@ def filled_store(config: ModelConfig, history: int, key: jax.Array) -> KVStore:
 
     return jax.lax.fori_loop(0, config.num_layers, one_layer, layers)
 
-  held = jnp.where(jnp.arange(config.memory.capacity_chunks) < history,
-                   jnp.arange(config.memory.capacity_chunks, dtype=jnp.int32), -1)
-  tables = SlotTables(full=held, recent=store.tables.recent, pooled=jnp.copy(held))  # own buffers: each is donated
-  return KVStore(fill(store.layers), tables)
+  return KVStore(fill(store.layers), written_tables(config.memory, history))
 
 
 def chunk_flops(config: ModelConfig, history: int) -> float:

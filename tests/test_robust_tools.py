@@ -39,6 +39,7 @@ from tests.configs import tiny
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_CHECKPOINT = ROOT / "assets" / "demo_checkpoint"  # a trained omnimem export
 FIXTURES = ROOT / "tests" / "fixtures"
 ORIGINAL = FIXTURES / "wan_dit_original.safetensors"
 # A 1-layer, dim-32 dense model on 2-chunk clips: every training run here shares one compilation.
@@ -472,9 +473,10 @@ def exported(finished_run, tmp_path_factory) -> Path:
 
 def fake_result(path, mode, num_chunks, prefix, backends, kv_format):
   """What `evaluate_mode` returns, without the evaluation."""
-  del mode, num_chunks, prefix, backends, kv_format
+  del num_chunks, prefix, backends
   summary = {"psnr_db": 20.0, "ssim": 0.5, "by_distance": {"12": {"psnr_db": 20.0}}}
-  return {"checkpoint": str(path), "window_frames": 9, "prefix": summary, "free": summary}
+  return {"checkpoint": str(path), "mode": mode, "kv_format": kv_format, "window_frames": 9, "prefix": summary,
+          "free": summary}
 
 
 def test_eval_memory_without_matplotlib_writes_the_json_and_skips_the_plot(exported, tmp_path, capsys, monkeypatch):
@@ -489,6 +491,21 @@ def test_eval_memory_without_matplotlib_writes_the_json_and_skips_the_plot(expor
   assert json.loads(output.read_text())["modes"]["dense"]["checkpoint"] == str(exported)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
   assert captured.out.endswith(f"wrote {output}\n")
+
+
+def test_eval_memory_evaluates_omnimem_once_per_kv_format(exported, tmp_path, monkeypatch):
+  """--kv_formats: the omnimem checkpoint once per store format (named omnimem, omnimem_fp8, ...); a baseline
+  once, with its plain store."""
+  output = tmp_path / "bench.json"
+  with script("eval_memory") as module:
+    monkeypatch.setattr(module, "evaluate_mode", fake_result)
+    assert call(module, f"--checkpoints=omnimem:{DEMO_CHECKPOINT},dense:{exported}", "--kv_formats=bf16",
+                "--kv_formats=fp8", "--kv_formats=int4", "--num_chunks=3", "--prefix_chunks=1", f"--output={output}",
+                "--plot=none") == 0
+  modes = json.loads(output.read_text())["modes"]
+  assert {name: (result["mode"], result["kv_format"]) for name, result in modes.items()} == {
+      "omnimem": ("omnimem", "bf16"), "omnimem_fp8": ("omnimem", "fp8"), "omnimem_int4": ("omnimem", "int4"),
+      "dense": ("dense", "bf16")}
 
 
 def test_eval_memory_refuses_bad_checkpoints_before_evaluating(exported, dit_checkpoint, tmp_path, capsys,

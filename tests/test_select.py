@@ -11,10 +11,7 @@ from omnimem_jax.memory import select, store
 
 
 def filled_tables(config, last_chunk):
-  tables = store.init_tables(config.memory)
-  for chunk in range(last_chunk + 1):
-    tables = store.assign(tables, chunk, config.memory)
-  return tables
+  return store.written_tables(config.memory, last_chunk + 1)
 
 
 def brute_force_ids(q, k_pooled, tables, chunk, config):

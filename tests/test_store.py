@@ -129,9 +129,7 @@ def test_write_into_the_stacked_store_touches_only_that_layer_and_slot():
 
 def test_tiers_ring_independently():
   config = tiny(capacity_chunks=4, pooled_chunks=6)
-  tables = store.init_tables(config.memory, "fp8")
-  for chunk in range(9):
-    tables = store.assign(tables, chunk, config.memory)
+  tables = store.written_tables(config.memory, 9, "fp8")  # chunks 0..8, assigned in order
   np.testing.assert_array_equal(tables.full, [8, 5, 6, 7])
   np.testing.assert_array_equal(tables.recent, [6, 7, 8])
   np.testing.assert_array_equal(tables.pooled, [6, 7, 8, 3, 4, 5])

@@ -175,6 +175,15 @@ def assign(tables: SlotTables, chunk_index: int | Int[Array, ""], memory: Memory
                     pooled=tables.pooled.at[pooled_slot(chunk_index, memory)].set(chunk_index))
 
 
+def written_tables(memory: MemoryConfig, num_chunks: int, kv_format: str = "bf16") -> SlotTables:
+  """The slot tables once chunks 0 .. num_chunks - 1 were written in order (a rollout's, or a benchmark's
+  filled store): `assign` chunk by chunk, so ring reuse evicts as it does in a run."""
+  tables = init_tables(memory, kv_format)
+  for chunk in range(num_chunks):
+    tables = assign(tables, chunk, memory)
+  return tables
+
+
 def holds_chunks_through(slot_chunk: Int[Array, " slots"], last_chunk: int | Int[Array, ""]) -> Bool[Array, " slots"]:
   """Which slots hold one of the chunks 0..last_chunk (chunks newer than last_chunk are not history)."""
   return (slot_chunk >= 0) & (slot_chunk <= last_chunk)
