@@ -5,6 +5,7 @@ rewrites the chunk's K/V from its clean latents (`sampler.sample_chunk`). The ro
 
 - `RolloutConfig`: the frozen description of a rollout (sampler, batch, store dtype, retrieval
   statistics, backends, noise function): everything its compiled functions depend on;
+- `Retrieval`: what the selection picked in each chunk (histograms of how far back, or the ids);
 - `RolloutState`: the explicit pytree state (KV store, noise key, next chunk, the clean latents of the
   most recent chunks with their chunk indices, kept for a prompt switch's KV recache, and the first
   chunk whose latents were not finite);
@@ -43,11 +44,12 @@ from jaxtyping import Array, Float, Int
 
 from omnimem_jax import sharding
 from omnimem_jax.config import SamplerConfig
+from omnimem_jax.memory import select
 from omnimem_jax.memory import store as kv_store
 from omnimem_jax.memory.store import KVStore
 from omnimem_jax.model import rope
 from omnimem_jax.model.wan import CausalWanModel, CrossKV
-from omnimem_jax.sampler import NoiseFn, gaussian_noise, sample_chunk
+from omnimem_jax.sampler import NoiseFn, gaussian_noise, sample_chunk, step_table
 from omnimem_kernels import dispatch
 from omnimem_kernels.backends import Backends
 
@@ -67,7 +69,9 @@ class RolloutConfig:
     kv_format: the full-resolution tier's format: "bf16" (plain, at store_dtype), or compact "fp8" /
       "int4" (omnimem mode; `memory.store`).
     retrieval: omnimem mode: also return, per chunk and layer, how many selected blocks lie 0, 1, ...
-      chunks back (from the block ids the attention selected).
+      chunks back (from the block ids the attention selected; `Retrieval.histograms`).
+    record_ids: omnimem mode: also return the block ids every model call of every chunk selected
+      (`Retrieval.ids`), e.g. to compare the picks of two rollouts.
     backends: the backend of each attention op (`omnimem_kernels.backends`).
     noise: the initial and fresh noise of every chunk and step (`sampler.NoiseFn`).
   """
@@ -77,8 +81,25 @@ class RolloutConfig:
   store_dtype: jnp.dtype = jnp.dtype(jnp.bfloat16)
   kv_format: str = "bf16"
   retrieval: bool = False
+  record_ids: bool = False
   backends: Backends = Backends()
   noise: NoiseFn = gaussian_noise
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Retrieval:
+  """What the selection picked, per chunk (omnimem mode; `RolloutConfig.retrieval` / `record_ids`).
+
+  Attributes:
+    histograms: per chunk and layer, selected blocks by chunks back (bin d: d chunks back; the last bin,
+      capacity_chunks, holds everything farther), summed over the chunk's model calls; or None.
+    ids: per chunk, model call (the denoising steps, then the context pass) and layer, the pooled block
+      ids each (batch entry, head, query group) selected, best first, -1 padded (`memory.select`); or None.
+  """
+
+  histograms: Int[Array, "n l bins"] | None
+  ids: Int[Array, "n s l b h g k"] | None
 
 
 @jax.tree_util.register_dataclass
@@ -105,7 +126,7 @@ class SegmentOutput:
 
   first_chunk: int
   latents: Float[Array, "b c f h w"]  # clean latents, frames_per_chunk per chunk
-  retrieval: Int[Array, "n l bins"] | None  # per chunk and layer: selected blocks by chunks back
+  retrieval: Retrieval | None  # what the selection picked (RolloutConfig.retrieval / record_ids)
   seconds: float  # wall time of the segment (device work included)
 
 
@@ -157,10 +178,35 @@ def _chunks(latents: Float[Array, "b c nf h w"], frames: int) -> Float[Array, "n
   return jnp.moveaxis(latents.reshape(b, c, total // frames, frames, h, w), 2, 0)
 
 
+def _empty_retrieval(model: CausalWanModel, config: RolloutConfig) -> Retrieval | None:
+  """The zero `Retrieval` of one chunk that `generate_chunk` fills, or None when nothing is recorded."""
+  if not (config.retrieval or config.record_ids):
+    return None
+  c = model.config
+  memory = c.memory
+  histograms = jnp.zeros((c.num_layers, memory.capacity_chunks + 1), jnp.int32) if config.retrieval else None
+  calls = len(step_table(config.sampler)["timestep"])
+  shape = (calls, c.num_layers, config.batch_size, c.num_heads, c.groups_per_chunk, memory.top_k)
+  return Retrieval(histograms=histograms, ids=jnp.full(shape, -1, jnp.int32) if config.record_ids else None)
+
+
+def _record(retrieval: Retrieval, ids: Int[Array, "l b h g k"], tables: kv_store.SlotTables,
+            chunk_index: Int[Array, ""], call: Int[Array, ""], model: CausalWanModel) -> Retrieval:
+  """`retrieval` with model call `call`'s selected `ids` (its histograms added, its ids stored)."""
+  histograms, recorded = retrieval.histograms, retrieval.ids
+  if histograms is not None:
+    distances = select.retrieval_distances(ids, tables, chunk_index, model.config)
+    bins = model.config.memory.capacity_chunks
+    histograms = histograms + jax.vmap(lambda d: select.retrieval_histogram(d, bins))(distances)
+  if recorded is not None:
+    recorded = recorded.at[call].set(ids)
+  return Retrieval(histograms=histograms, ids=recorded)
+
+
 def generate_chunk(model: CausalWanModel, store: KVStore, cross: CrossKV, key: jax.Array,
                    chunk_index: Int[Array, ""], config: RolloutConfig
-                   ) -> tuple[Float[Array, "b c f h w"], KVStore, Int[Array, "l bins"] | None]:
-  """One chunk: `sampler.sample_chunk` over the model call. Returns (clean latents, store, histogram)."""
+                   ) -> tuple[Float[Array, "b c f h w"], KVStore, Retrieval | None]:
+  """One chunk: `sampler.sample_chunk` over the model call. Returns (clean latents, store, retrieval)."""
   shape = chunk_shape(model, config.batch_size)
 
   def noise(step):
@@ -170,29 +216,31 @@ def generate_chunk(model: CausalWanModel, store: KVStore, cross: CrossKV, key: j
     return fresh
 
   def call(x, timestep, carry):
-    store, histogram = carry
-    outputs = model(x, jnp.full((config.batch_size,), timestep), cross, store, chunk_index,
-                    retrieval_histogram=config.retrieval, backends=config.backends)
-    return outputs[0], (outputs[1], outputs[2] if config.retrieval else histogram)
+    store, retrieval, index = carry
+    timesteps = jnp.full((config.batch_size,), timestep)
+    if retrieval is None:
+      velocity, store = model(x, timesteps, cross, store, chunk_index, backends=config.backends)
+      return velocity, (store, None, index + 1)
+    velocity, store, ids = model(x, timesteps, cross, store, chunk_index, backends=config.backends, return_ids=True)
+    return velocity, (store, _record(retrieval, ids, store.tables, chunk_index, index, model), index + 1)
 
-  c = model.config
-  histogram = jnp.zeros((c.num_layers, c.memory.capacity_chunks + 1), jnp.int32) if config.retrieval else None
-  x0, (store, histogram) = sample_chunk(call, noise, config.sampler, (store, histogram))
-  return x0, store, histogram
+  initial = (store, _empty_retrieval(model, config), jnp.int32(0))
+  x0, (store, retrieval, _) = sample_chunk(call, noise, config.sampler, initial)
+  return x0, store, retrieval
 
 
 def generate_segment(model: CausalWanModel, state: RolloutState, cross: CrossKV, config: RolloutConfig,
-                     num_chunks: int) -> tuple[RolloutState, Float[Array, "b c nf h w"], Int[Array, "n l bins"] | None]:
+                     num_chunks: int) -> tuple[RolloutState, Float[Array, "b c nf h w"], Retrieval | None]:
   """Chunks next_chunk .. next_chunk + num_chunks - 1 as one scan: (state, latents [B, C, n f, H, W],
-  retrieval histograms [n, L, capacity + 1] or None)."""
+  what the selection picked in each chunk or None)."""
 
   def one_chunk(store, chunk_index):
-    x0, store, histogram = generate_chunk(model, store, cross, state.key, chunk_index, config)
-    return store, (x0, histogram)
+    x0, store, retrieval = generate_chunk(model, store, cross, state.key, chunk_index, config)
+    return store, (x0, retrieval)
 
   chunks = state.next_chunk + jnp.arange(num_chunks, dtype=jnp.int32)
-  store, (latents, histograms) = jax.lax.scan(one_chunk, state.store, chunks)
-  return _advance(state, store, latents, chunks), _to_video(latents), histograms
+  store, (latents, retrieval) = jax.lax.scan(one_chunk, state.store, chunks)
+  return _advance(state, store, latents, chunks), _to_video(latents), retrieval
 
 
 def context_pass(model: CausalWanModel, store: KVStore, cross: CrossKV, x0: Float[Array, "b c f h w"],
@@ -267,13 +315,13 @@ class Rollout:
 
   def __init__(self, model: CausalWanModel, sampler: SamplerConfig = SamplerConfig(), *, batch_size: int = 1,
                store_dtype: Any = jnp.bfloat16, kv_format: str = "bf16", retrieval: bool = False,
-               backends: Backends = Backends(),
+               record_ids: bool = False, backends: Backends = Backends(),
                mesh: Mesh | None = None, noise: NoiseFn = gaussian_noise):
     """`mesh` (from `sharding.make_mesh`): place the model's parameters on it (in place) and shard the
     store by heads over "model" and the batch over "data"; default: the ("data", "model") mesh the
     model's parameters already live on, if any, else one device. `noise`: see `sampler.NoiseFn`."""
-    if retrieval and model.config.memory.mode != "omnimem":
-      raise ValueError(f"retrieval histograms exist in omnimem mode only, not {model.config.memory.mode}")
+    if (retrieval or record_ids) and model.config.memory.mode != "omnimem":
+      raise ValueError(f"retrieval statistics exist in omnimem mode only, not {model.config.memory.mode}")
     if mesh is not None:
       sharding.make_mesh(mesh.shape["data"], mesh.shape["model"], config=model.config, batch_size=batch_size,
                          devices=mesh.devices.flat)  # validates heads / batch divisibility
@@ -281,7 +329,8 @@ class Rollout:
         sharding.shard_module(model, mesh)
     kv_store.check_format(model.config.memory, kv_format)
     self.config = RolloutConfig(sampler=sampler, batch_size=batch_size, store_dtype=jnp.dtype(store_dtype),
-                                kv_format=kv_format, retrieval=retrieval, backends=backends, noise=noise)
+                                kv_format=kv_format, retrieval=retrieval, record_ids=record_ids, backends=backends,
+                                noise=noise)
     self.model = model
     self.mesh = sharding.module_mesh(model) if mesh is None else mesh
     self.state: RolloutState | None = None  # the last `stream`'s state
@@ -363,7 +412,11 @@ class Rollout:
 
   def _segment(self, num_chunks: int) -> _Compiled:
     if num_chunks not in self._segments:
-      out_axes = (STATE_AXES, sharding.LATENT_AXES, () if self.config.retrieval else None)
+      config = self.config
+      retrieval = None if not (config.retrieval or config.record_ids) else Retrieval(
+          histograms=() if config.retrieval else None,
+          ids=(None, None, None, "batch", "heads") if config.record_ids else None)  # [n, s, l, b, h, g, k]
+      out_axes = (STATE_AXES, sharding.LATENT_AXES, retrieval)
       self._segments[num_chunks] = self._compile(
           "segment", functools.partial(generate_segment, config=self.config, num_chunks=num_chunks),
           in_axes=(STATE_AXES, sharding.CROSS_AXES), out_axes=out_axes, donate_state=True)
@@ -438,9 +491,9 @@ class Rollout:
     return self._write_context(state, self._put(cross, sharding.CROSS_AXES), self._put(latents, sharding.LATENT_AXES))
 
   def generate(self, state: RolloutState, cross: CrossKV, num_chunks: int
-               ) -> tuple[RolloutState, Float[Array, "b c nf h w"], Int[Array, "n l bins"] | None]:
+               ) -> tuple[RolloutState, Float[Array, "b c nf h w"], Retrieval | None]:
     """The next `num_chunks` chunks as one compiled scan: (state, latents [B, C, num_chunks x 3, H, W],
-    retrieval histograms [num_chunks, L, capacity + 1] or None)."""
+    what the selection picked in each chunk, or None)."""
     if num_chunks < 1:
       raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
     self.check_length(num_chunks, self._next_chunk(state))
@@ -503,21 +556,23 @@ class Rollout:
       if first in switches and first > 0:
         cross = switches[first]
         self.state = self.recache(self.state, cross)
-      self.state, latents, histograms = self.generate(self.state, cross, segment_chunks)
+      self.state, latents, retrieval = self.generate(self.state, cross, segment_chunks)
       latents.block_until_ready()
       self.check_finite(self.state)
       seconds = time.perf_counter() - start_time
       self.timings.append((first, segment_chunks, seconds))
-      yield SegmentOutput(first, latents, histograms, seconds)
+      yield SegmentOutput(first, latents, retrieval, seconds)
 
   def run(self, prompts: Sequence[tuple[int, CrossKV]], num_chunks: int, seed: int = 0,
-          **kwargs: Any) -> tuple[jax.Array, np.ndarray | None]:
-    """The whole rollout: (latents [B, C, 3 * num_chunks, H, W], retrieval histograms or None).
+          **kwargs: Any) -> tuple[jax.Array, Retrieval | None]:
+    """The whole rollout: (latents [B, C, 3 * num_chunks, H, W], what the selection picked, as numpy
+    arrays over all chunks, or None).
 
-    The histograms come to the host by an explicit `jax.device_get`, which transfer guards allow (an
-    implicit `np.asarray` of a GPU array is refused under `jax.transfer_guard("disallow")`)."""
+    The picks come to the host by an explicit `jax.device_get`, which transfer guards allow (an implicit
+    `np.asarray` of a GPU array is refused under `jax.transfer_guard("disallow")`)."""
     segments = list(self.stream(prompts, num_chunks, seed, **kwargs))
     latents = jnp.concatenate([segment.latents for segment in segments], axis=2)
-    if not self.config.retrieval:
+    if segments[0].retrieval is None:
       return latents, None
-    return latents, np.concatenate(jax.device_get([segment.retrieval for segment in segments]))
+    picks = jax.device_get([segment.retrieval for segment in segments])
+    return latents, jax.tree.map(lambda *parts: np.concatenate(parts), *picks)

@@ -63,12 +63,44 @@ def test_eight_chunk_stream_compiles_once_and_equals_one_scan(mode):
   latents_once, retrieval_once = one_scan.run([(0, cross)], num_chunks=8, seed=3, segment_chunks=8)
   np.testing.assert_array_equal(latents_once, latents)
   if mode == "omnimem":
-    assert retrieval.shape == (8, config.num_layers, config.memory.capacity_chunks + 1)
-    np.testing.assert_array_equal(retrieval_once, retrieval)
+    histograms = retrieval.histograms
+    assert histograms.shape == (8, config.num_layers, config.memory.capacity_chunks + 1) and retrieval.ids is None
+    np.testing.assert_array_equal(retrieval_once.histograms, histograms)
     # AWE: from chunk 3 on, nothing is selected from the last 3 chunks
-    assert retrieval[3:, :, :3].sum() == 0 and retrieval[7, :, 3:].sum() > 0
+    assert histograms[3:, :, :3].sum() == 0 and histograms[7, :, 3:].sum() > 0
   else:
     assert retrieval is None
+
+
+def test_recorded_ids_are_the_picks_behind_the_histograms():
+  """record_ids keeps every model call's selected ids: recording changes no latent, the ids are distinct
+  per (head, group), obey Adaptive Window Exclusion, and give exactly the recorded histograms."""
+  config = tiny()
+  memory = config.memory
+  model = CausalWanModel(config, rngs=nnx.Rngs(0))
+  cross = text_cross(model)
+  chunks = 6
+  plain, _ = Rollout(model, store_dtype=jnp.float32).run([(0, cross)], num_chunks=chunks, seed=4)
+  rollout = Rollout(model, store_dtype=jnp.float32, retrieval=True, record_ids=True)
+  latents, picks = rollout.run([(0, cross)], num_chunks=chunks, seed=4, segment_chunks=2)
+  np.testing.assert_array_equal(latents, plain)
+  calls = len(SamplerConfig().denoising_steps) + 1  # the denoising steps and the context pass
+  ids = picks.ids
+  assert ids.shape == (chunks, calls, config.num_layers, 1, config.num_heads, config.groups_per_chunk, memory.top_k)
+  assert chunks <= memory.pooled_slots  # no pooled slot reused: block id // blocks_per_chunk is the chunk
+  picked_chunks = np.where(ids >= 0, ids // config.blocks_per_chunk, -1)
+  for c in range(chunks):
+    last = c if c < memory.exclude_window_chunks else c - memory.exclude_window_chunks
+    assert picked_chunks[c].max() <= last and (ids[c] >= 0).any()
+  flat = ids.reshape(-1, memory.top_k)
+  assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in flat)
+  distances = np.arange(chunks)[:, None, None, None, None, None, None] - picked_chunks
+  expected = np.zeros_like(picks.histograms)
+  for c in range(chunks):
+    for layer in range(config.num_layers):
+      d = distances[c, :, layer][ids[c, :, layer] >= 0]
+      expected[c, layer] = np.bincount(np.minimum(d, memory.capacity_chunks), minlength=memory.capacity_chunks + 1)
+  np.testing.assert_array_equal(picks.histograms, expected)
 
 
 @pytest.mark.parametrize("kv_format, bound", [("fp8", 0.05), ("int4", 0.25)])
@@ -86,7 +118,7 @@ def test_compact_store_rollout_compiles_once_and_tracks_the_plain_store(kv_forma
   assert 0 < relative_error(latents, plain) < bound
   np.testing.assert_array_equal(rollout.store.tables.pooled, np.arange(8))
   np.testing.assert_array_equal(np.sort(np.asarray(rollout.store.tables.full)), np.arange(4, 8))
-  assert retrieval[7, :, 4:].sum() == 0  # chunks 0..3 were evicted: never selected at chunk 7
+  assert retrieval.histograms[7, :, 4:].sum() == 0  # chunks 0..3 were evicted: never selected at chunk 7
   with pytest.raises(ValueError, match="compact KV store"):
     Rollout(CausalWanModel(tiny(mode="window"), rngs=nnx.Rngs(0)), kv_format=kv_format)
 

@@ -23,27 +23,29 @@ CHUNKS = 4  # past the sliding window and the AWE warm-up
 def _run(config, mesh, retrieval):
   model = CausalWanModel(config, rngs=nnx.Rngs(0))
   text = np.random.default_rng(1).standard_normal((BATCH, config.text_len, config.text_dim), np.float32)
-  rollout = Rollout(model, batch_size=BATCH, store_dtype=jnp.float32, retrieval=retrieval, mesh=mesh)
+  rollout = Rollout(model, batch_size=BATCH, store_dtype=jnp.float32, retrieval=retrieval, record_ids=retrieval,
+                    mesh=mesh)
   with jax.transfer_guard("disallow"):  # no implicit transfer: inputs go up explicitly, nothing comes back
     cross = rollout.cross_kv(text)
-    latents, histograms = rollout.run([(0, cross)], num_chunks=CHUNKS, seed=2, segment_chunks=2)
-  return rollout, np.asarray(latents), histograms
+    latents, picks = rollout.run([(0, cross)], num_chunks=CHUNKS, seed=2, segment_chunks=2)
+  return rollout, np.asarray(latents), picks
 
 
 @pytest.mark.parametrize("mode", ["omnimem", "window", "sink_window", "dense"])
 def test_meshes_give_the_same_latents_as_one_device(mode):
   config = tiny(mode=mode, local_attn_frames=6)
   retrieval = mode == "omnimem"
-  _, expected, expected_histograms = _run(config, None, retrieval)  # under the transfer guard on any machine
+  _, expected, expected_picks = _run(config, None, retrieval)  # under the transfer guard on any machine
   require_devices(4)
   for data, model_axis in ((1, 4), (2, 2), (4, 1)):
     mesh = sharding.make_mesh(data, model_axis)
-    rollout, latents, histograms = _run(config, mesh, retrieval)
+    rollout, latents, picks = _run(config, mesh, retrieval)
     error = np.linalg.norm(latents - expected) / np.linalg.norm(expected)
     assert error < 1e-5, (data, model_axis, error)
     assert rollout.traces == 1
-    if retrieval:
-      np.testing.assert_array_equal(histograms, expected_histograms)
+    if retrieval:  # the heads' picks gathered from their devices: the same ids, the same histograms
+      np.testing.assert_array_equal(picks.histograms, expected_picks.histograms)
+      np.testing.assert_array_equal(picks.ids, expected_picks.ids)
     # The store stays sharded: each device holds 1 / (data x model) of it, heads over "model".
     k = rollout.store.layers.k
     assert k.sharding.spec == PartitionSpec("data", "model", None, None, None, None)

@@ -48,7 +48,7 @@ def _distances(counts: np.ndarray) -> dict[str, Any]:
 
 
 def retrieval_summary(histograms: np.ndarray) -> dict[str, Any]:
-  """How far back the blocks the selection picked lie, in chunks, from `SegmentOutput.retrieval`
+  """How far back the blocks the selection picked lie, in chunks, from `SegmentOutput.retrieval.histograms`
   stacked over the run's chunks ([chunks, layers, bins]; bin d counts picks d chunks back).
 
   The bins reach capacity_chunks, and a store of capacity_chunks slots holds nothing farther back than

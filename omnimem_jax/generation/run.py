@@ -233,7 +233,7 @@ def stream_chunks(plans: tuple[Plan, ...], rollouts: list[tuple[Rollout, list[tu
     for index, segment in enumerate(segments):
       latents[index].append(chunk_latents[index])
       if segment.retrieval is not None:
-        histograms[index].append(np.asarray(segment.retrieval))
+        histograms[index].append(np.asarray(segment.retrieval.histograms))
     wall.append(time.perf_counter() - chunk_start)
     print(report.format_progress(chunk, first.num_chunks, video.shape[1], wall[-1], dit_seconds,
                                  report.eta_seconds(wall, first.num_chunks)), file=progress, flush=True)

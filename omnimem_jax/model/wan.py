@@ -33,7 +33,6 @@ from omnimem_kernels.backends import Backends
 from omnimem_kernels.masked_attention import masked_attention
 from omnimem_jax import sharding
 from omnimem_jax.config import ModelConfig
-from omnimem_jax.memory import select
 from omnimem_jax.memory.store import KVStore, LayerKV, assign
 from omnimem_jax.model import rope
 from omnimem_jax.model.attention import GATE_ORDER, chunk_self_attention
@@ -357,7 +356,7 @@ class CausalWanModel(nnx.Module):
 
   def __call__(self, latents: Float[Array, "b c f h w"], timestep: Float[Array, " b"], text: CrossKV | jax.Array,
                store: KVStore, chunk_index: int | Int[Array, ""], *,
-               backends: Backends = Backends(), retrieval_histogram: bool = False
+               backends: Backends = Backends(), return_ids: bool = False
                ) -> tuple[Float[Array, "b c f h w"], KVStore] | tuple[Float[Array, "b c f h w"], KVStore, jax.Array]:
     """Velocity of one chunk, and the store with this chunk's K/V written into its slot.
 
@@ -370,13 +369,13 @@ class CausalWanModel(nnx.Module):
       chunk_index: absolute chunk index c (traceable: one compilation for the whole rollout). Frames
         3c..3c+2 must lie in the RoPE table: check the rollout length up front (`rope.check_frames`).
       backends: the backend of each attention op (`omnimem_kernels.backends`); default per platform.
-      retrieval_histogram: omnimem mode: also return, per layer, how many selected blocks lie 0, 1, ...,
-        capacity_chunks chunks back ([num_layers, capacity_chunks + 1] int32; from the block ids the
-        selection chose).
+      return_ids: omnimem mode: also return the pooled block ids each layer's selection chose
+        ([num_layers, B, heads, groups, top_k] int32, best first, -1 pads; `memory.select`), e.g. for
+        retrieval statistics.
 
     Returns:
       (velocity [B, out_channels, frames_per_chunk, latent_h, latent_w] float32, updated store), plus the
-      histograms when asked for.
+      selected ids when asked for.
     """
     c = self.config
     self.check_latents(latents, c.memory.frames_per_chunk)
@@ -390,23 +389,19 @@ class CausalWanModel(nnx.Module):
     x, e, e0 = self._embed(latents, timestep)
     cos, sin = rope.rope_cos_sin(c, chunk_index * c.memory.frames_per_chunk)
 
-    if retrieval_histogram and c.memory.mode != "omnimem":
-      raise ValueError(f"retrieval histograms exist in omnimem mode only, not {c.memory.mode}")
+    if return_ids and c.memory.mode != "omnimem":
+      raise ValueError(f"selected block ids exist in omnimem mode only, not {c.memory.mode}")
     tables = assign(store.tables, chunk_index, c.memory)
 
     mesh = sharding.context_mesh()
 
-    def local_attention(q, k, v, gate_logits, layers, index, table, new_table, chunk):
+    def local_attention(q, k, v, gate_logits, layers, index, table, chunk):
       """Self-attention of the heads (and batch entries) this device holds."""
       heads = q.shape[2]
       local = dataclasses.replace(c, dim=heads * c.head_dim, num_heads=heads)
       out, layers, ids = chunk_self_attention(q, k, v, layers, table, chunk, gate_logits, local,
                                               backends=backends, layer_index=index)
-      if not retrieval_histogram:
-        return out, layers, None
-      histogram = select.retrieval_histogram(select.retrieval_distances(ids, new_table, chunk, local),
-                                             c.memory.capacity_chunks)
-      return out, layers, histogram if mesh is None else jax.lax.psum(histogram, sharding.MESH_AXES)
+      return out, layers, ids if return_ids else None
 
     if mesh is not None:  # heads over "model", batch over "data": kernels see local arrays only
       tokens = sharding.logical_to_mesh_spec(sharding.TOKEN_HEAD_AXES, sharding.LOGICAL_RULES, mesh)
@@ -414,19 +409,18 @@ class CausalWanModel(nnx.Module):
       replicated = jax.sharding.PartitionSpec()
       local_attention = jax.shard_map(
           local_attention, mesh=mesh, check_vma=False,
-          in_specs=(tokens, tokens, tokens, tokens, per_head, replicated, replicated, replicated, replicated),
-          out_specs=(tokens, per_head, replicated if retrieval_histogram else None))
+          in_specs=(tokens, tokens, tokens, tokens, per_head, replicated, replicated, replicated),
+          out_specs=(tokens, per_head, per_head if return_ids else None))
 
     def attend(q, k, v, gate_logits, store_and_index):
       layers, index = store_and_index
-      out, layers, histogram = local_attention(q, k, v, gate_logits, layers, index, store.tables, tables,
-                                               chunk_index)
-      return out, (layers, histogram)
+      out, layers, ids = local_attention(q, k, v, gate_logits, layers, index, store.tables, chunk_index)
+      return out, (layers, ids)
 
-    x, new_layers, histograms = self._run_blocks(x, e0, cos, sin, cross, attend, layers)
+    x, new_layers, ids = self._run_blocks(x, e0, cos, sin, cross, attend, layers)
     velocity = self._unembed(x, e, c.memory.frames_per_chunk)
     new_store = KVStore(layers=new_layers, tables=tables)
-    return (velocity, new_store, histograms) if retrieval_histogram else (velocity, new_store)
+    return (velocity, new_store, ids) if return_ids else (velocity, new_store)
 
   # ---- whole sequences (references, teacher forcing) --------------------------------------------
 
