@@ -16,7 +16,11 @@ For each mode and each of --num_videos held-out worlds (seeds never used in trai
            candidates that the top-k selected blocks hold, on a teacher-forcing pass over a ground-truth
            clip (noisy half at sigma 0.625, the sampler's last step), against the chance level.
 With `--kv_formats=bf16,fp8,int4` the omnimem checkpoint is evaluated once per KV store format (the
-full-resolution tier compact: `memory.store`), reported as `omnimem` (bf16) and `omnimem_fp8`, ...
+full-resolution tier compact: `memory.store`), reported as `omnimem` (bf16) and `omnimem_fp8`, ...; each
+compact format also reports `picks_unchanged`: the share of the bf16 store's top-k picks (every chunk,
+model call, layer, head and query group of the free runs) that the compact store's free runs picked too.
+Checkpoints trained on the pixel world through a codec (`train.py --codec`) are evaluated on that world
+encoded by the codec (--codec, default: the path their record names).
 Writes JSON (and a PNG plot with --plot, default next to the JSON) atomically. The plot needs matplotlib
 (`pip install 'omnimem-jax[plot]'`); without it a one-line note says so and only the JSON is written.
 Bad input (flags, a checkpoint that is not an intact training export of its mode) gives one line
@@ -50,6 +54,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Noise seed; world seeds are 10**9 + vid
 _BACKENDS = flags.DEFINE_string("backends", "selection=xla",
                                 "Backends of the rollout's attention ops, e.g. 'selection=triton,dense=xla' "
                                 "(unset ops: per-platform defaults).")
+_CODEC = flags.DEFINE_string("codec", None, "The codec checkpoints trained with train.py --codec were trained on "
+                             "(default: the path their record names).")
 _KV_FORMATS = flags.DEFINE_multi_enum("kv_formats", ["bf16"], ["bf16", "fp8", "int4"],
                                       "KV store formats to evaluate the omnimem checkpoint with.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results/memory_bench.json", "JSON results.")
@@ -83,12 +89,30 @@ def _parse_checkpoints() -> dict[str, Path]:
         raise ValueError(f"{path} is not an export of experiments/train.py (its record has no training world "
                          "to draw held-out videos from)")
       synthetic.WorldConfig.from_dict(world)
+      _codec_of(record)
     except (OSError, ValueError) as err:
       cli.fail(f"--checkpoints {mode}: {err}")
     if record.config["memory"]["mode"] != mode:
       cli.fail(f"--checkpoints {mode}: {path} holds a {record.config['memory']['mode']} model")
     result[mode] = Path(path)
   return result
+
+
+def _codec_of(record: Any) -> Path | None:
+  """The codec a checkpoint's training world was encoded with (--codec, else its record's path), checked
+  to be a VAE checkpoint; None for a checkpoint trained on the latent-space world."""
+  from omnimem_jax import checkpoints  # noqa: PLC0415
+
+  recorded = (record.training or {}).get("codec")
+  if recorded is None:
+    return None
+  path = Path(_CODEC.value or recorded)
+  try:
+    checkpoints.read_record(path, checkpoints.Kind.VAE)
+  except (OSError, ValueError) as err:
+    raise ValueError(f"it was trained on the world encoded by the codec {recorded}, and --codec={path} is not "
+                     f"one ({err}); point --codec at that codec") from err
+  return path
 
 
 def _plot_path(output: Path) -> Path | None:
@@ -106,32 +130,39 @@ def _plot_path(output: Path) -> Path | None:
 
 
 def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int, backends: Backends,
-                  kv_format: str = "bf16") -> dict[str, Any]:
+                  kv_format: str = "bf16", record_ids: bool = False) -> tuple[dict[str, Any], list[Any]]:
+  """One checkpoint's scores (the JSON's entry for it), and with `record_ids` the selected block ids of
+  each video's free run (`rollout.Retrieval.ids`)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
   from omnimem_jax import checkpoints, evaluation, training as train  # noqa: PLC0415
   from omnimem_jax.config import ModelConfig, SamplerConfig  # noqa: PLC0415
-  from omnimem_jax.convert import wan_dit  # noqa: PLC0415
+  from omnimem_jax.convert import wan_dit, wan_vae  # noqa: PLC0415
   from omnimem_jax.data import synthetic  # noqa: PLC0415
   from omnimem_jax.rollout import Rollout  # noqa: PLC0415
+  from omnimem_jax.training import codec  # noqa: PLC0415
 
   record = checkpoints.read_record(path, checkpoints.Kind.DIT)
   config = ModelConfig.from_dict(record.config)
   world = synthetic.WorldConfig(**record.training["world"])
+  codec_path = _codec_of(record)
+  vae = None if codec_path is None else wan_vae.restore_vae(codec_path)
   memory = dataclasses.replace(config.memory, capacity_chunks=num_chunks)
   model = wan_dit.restore_model(path, memory=memory, dtype=jnp.float32)
   frames_per_chunk = memory.frames_per_chunk
   frames = num_chunks * frames_per_chunk
   source = synthetic.revisit_schedule(world, frames)
   window_frames = memory.recent_chunks * frames_per_chunk
-  rollout = Rollout(model, SamplerConfig(), store_dtype=jnp.float32, backends=backends, kv_format=kv_format)
+  rollout = Rollout(model, SamplerConfig(), store_dtype=jnp.float32, backends=backends, kv_format=kv_format,
+                    record_ids=record_ids)
   forward = jax.jit(train.teacher_forcing_forward, static_argnames=("select_own_noisy_chunk", "with_recall"))
-  prefix_scores, free_scores, recalls, timings = [], [], [], []
+  prefix_scores, free_scores, recalls, timings, ids = [], [], [], [], []
   for video_index in range(_NUM_VIDEOS.value):
     world_seed = WORLD_SEED_BASE + video_index
-    truth = synthetic.video(world, world_seed, frames)  # [C, F, H, W]
+    truth = (synthetic.video(world, world_seed, frames) if vae is None  # [C, F, H, W]
+             else codec.encode_worlds(vae, world, np.array([world_seed]), frames)[0])
     data_range = float(truth.max() - truth.min())
     text = jax.random.normal(jax.random.key(world_seed), (1, config.text_len, config.text_dim))
     cross = rollout.cross_kv(text)
@@ -145,8 +176,10 @@ def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int, backends:
     prefix_scores.append(evaluation.revisit_scores(generated, truth, source,
                                                    np.arange(prefix * frames_per_chunk, frames), data_range))
     # Free run: the whole video from noise.
-    free, _ = rollout.run([(0, cross)], num_chunks, seed=seed)
+    free, picks = rollout.run([(0, cross)], num_chunks, seed=seed)
     free = np.asarray(free[0])
+    if record_ids:
+      ids.append(picks.ids)
     free_scores.append(evaluation.revisit_scores(free, free, source, np.arange(frames),
                                                  float(free.max() - free.min())))
     timings.append(time.perf_counter() - start)
@@ -160,7 +193,8 @@ def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int, backends:
                          with_recall=True)
       recalls.append(np.asarray(stats["recall"]))
   result = {
-      "checkpoint": str(path), "config": config.to_dict(), "world": dataclasses.asdict(world),
+      "checkpoint": str(path), "codec": None if codec_path is None else str(codec_path),
+      "config": config.to_dict(), "world": dataclasses.asdict(world),
       "training_steps": record.training.get("steps"), "training_seconds": record.training.get("train_seconds"),
       "kv_format": kv_format, "window_frames": window_frames, "seconds_per_video": float(np.mean(timings)),
       "backends": rollout.backends_used,
@@ -174,7 +208,7 @@ def evaluate_mode(path: Path, mode: str, num_chunks: int, prefix: int, backends:
         "chance": evaluation.chance_recall(masks.candidates, _RECALL_CHUNKS.value, memory.exclude_window_chunks,
                                            config.blocks_per_chunk, memory.top_k),
         "clip_chunks": _RECALL_CHUNKS.value, "noisy_sigma": 0.625}
-  return result
+  return result, ids
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -199,6 +233,46 @@ def plot(results: dict[str, Any], path: Path) -> None:
   fig.tight_layout()
   with io.atomic_file(path) as partial:
     fig.savefig(partial, dpi=110, format="png")
+
+
+def _shown(value: float | None, unit: str = "") -> str:
+  """A score for the progress line; 'none' where the run measured none (no revisit beyond the window)."""
+  return "none" if value is None else f"{value:.3f}{unit}"
+
+
+def evaluate_all(checkpoints: dict[str, Path], prefix: int, backends: Backends) -> dict[str, dict[str, Any]]:
+  """Every checkpoint's scores, the omnimem one once per --kv_formats (bf16 first: the compact formats'
+  picks are compared with its picks), each printed in one line as it completes."""
+  import numpy as np  # noqa: PLC0415
+
+  from omnimem_jax import checkpoints as ckpt, evaluation  # noqa: PLC0415
+
+  formats = sorted(set(_KV_FORMATS.value), key=["bf16", "fp8", "int4"].index)  # bf16 first: the picks' reference
+  compare = "bf16" in formats and len(formats) > 1
+  runs = [(mode, path, fmt) for mode, path in checkpoints.items() for fmt in (formats if mode == "omnimem" else ["bf16"])]
+  reference_ids, modes = None, {}
+  for mode, path, kv_format in runs:
+    start = time.perf_counter()
+    name = mode if kv_format == "bf16" else f"{mode}_{kv_format}"
+    try:
+      r, ids = evaluate_mode(path, mode, _NUM_CHUNKS.value, prefix, backends, kv_format,
+                             record_ids=compare and mode == "omnimem")
+    except ckpt.CheckpointError as err:  # weights damaged past what the metadata shows
+      cli.fail(f"--checkpoints {mode}: {err}")
+    if ids and kv_format == "bf16":
+      reference_ids = ids
+    elif ids:
+      r["picks_unchanged"] = evaluation.picks_unchanged(np.concatenate(reference_ids, axis=3),
+                                                        np.concatenate(ids, axis=3))  # videos as batch
+      r["picks_unchanged"]["against"] = "omnimem (bf16 store), free runs of the same seeds"
+    modes[name] = r
+    unchanged = r.get("picks_unchanged", {}).get("fraction_unchanged")
+    print(f"{name:12s} prefix PSNR beyond window {_shown(r['prefix']['psnr_db'], ' dB')} SSIM "
+          f"{_shown(r['prefix']['ssim'])} | free {_shown(r['free']['psnr_db'], ' dB')} | recall "
+          f"{_shown(r.get('retrieval_recall', {}).get('mean'))}"
+          + ("" if unchanged is None else f" | picks unchanged {unchanged:.3f}")
+          + f" | {time.perf_counter() - start:.0f} s", flush=True)
+  return modes
 
 
 def main(argv: Sequence[str]) -> None:
@@ -241,21 +315,8 @@ def main(argv: Sequence[str]) -> None:
   results = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
              "jax": jax.__version__, "num_videos": _NUM_VIDEOS.value, "num_chunks": _NUM_CHUNKS.value,
              "prefix_chunks": prefix, "world_seeds": f"{WORLD_SEED_BASE} + video index",
-             "psnr": "10 log10(range^2 / MSE) on latents, range = max - min of the reference video",
-             "modes": {}}
-  runs = [(mode, path, fmt) for mode, path in checkpoints.items()
-          for fmt in (_KV_FORMATS.value if mode == "omnimem" else ["bf16"])]
-  for mode, path, kv_format in runs:
-    start = time.perf_counter()
-    name = mode if kv_format == "bf16" else f"{mode}_{kv_format}"
-    try:
-      results["modes"][name] = evaluate_mode(path, mode, _NUM_CHUNKS.value, prefix, backends, kv_format)
-    except ckpt.CheckpointError as err:  # weights damaged past what the metadata shows
-      cli.fail(f"--checkpoints {mode}: {err}")
-    r = results["modes"][name]
-    print(f"{name:12s} prefix PSNR beyond window {r['prefix']['psnr_db']:.2f} dB SSIM {r['prefix']['ssim']:.3f} | "
-          f"free {r['free']['psnr_db']:.2f} dB | recall {r.get('retrieval_recall', {}).get('mean')} | "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+             "psnr": "10 log10(range^2 / MSE) on latents, range = max - min of the reference video"}
+  results["modes"] = evaluate_all(checkpoints, prefix, backends)
   modes = results["modes"]
   if {"omnimem", "window", "dense"} <= set(modes):
     o, w, d = (modes[m]["prefix"]["psnr_db"] for m in ("omnimem", "window", "dense"))

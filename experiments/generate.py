@@ -87,7 +87,7 @@ _MESH = flags.DEFINE_string("mesh", None, "Devices as 'data=D,model=M': the batc
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Videos side by side, each its own noise (default: the "
                                    "--text_embeddings batch, or 1); spread over the mesh's data axis.")
 _RETRIEVAL_STATS = flags.DEFINE_bool("retrieval_stats", True, "omnimem: record per-layer retrieval histograms "
-                                     "(one extra scoring pass per call).")
+                                     "(from the ids the selection chose).")
 _BACKENDS = flags.DEFINE_string("backends", None, f"Kernel backend per op ({', '.join(OPS)}), e.g. "
                                 "'selection=triton,dense=mosaic_gpu+xla' ('+': a preference list); default: each "
                                 "op's per-platform choice. The report records what was asked and what ran.")

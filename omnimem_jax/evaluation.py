@@ -9,6 +9,9 @@
   candidate's full-resolution keys) that the top-k selected blocks hold, per layer, measured on a
   teacher-forcing pass of the omnimem model (`training.teacher_forcing_forward(..., with_recall=True)`),
   with the chance level of a random selection of the same size.
+- `picks_unchanged`: the share of one rollout's top-k picks that another rollout (the same seed, e.g. a
+  compact KV store against the bf16 one) picked too, for the same chunk, model call, layer, head and
+  query group.
 """
 
 from __future__ import annotations
@@ -136,3 +139,36 @@ def revisit_picks(histograms: np.ndarray, visits: np.ndarray, min_distance: int)
                for layer, (hit, pick, share) in enumerate(zip(hits, picked, chance, strict=True))]
   return {"fraction_from_earlier_visit": float(hits.sum() / picked.sum()), "chance": float(chance.sum() / picked.sum()),
           "per_layer": per_layer, "chunks_measured": measured, "picks": int(picked.sum()), "min_distance": min_distance}
+
+
+def picks_unchanged(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
+  """The share of `reference`'s picks that `other` picked too, compared as sets per query group.
+
+  Args:
+    reference, other: selected block ids of two rollouts of the same model and seed,
+      [chunks, calls, layers, batch, heads, groups, top_k] (`rollout.Retrieval.ids`; -1 pads).
+
+  Returns the share over all picks, per layer and per chunk (how it drifts along the video), and the
+  number of picks compared.
+  """
+  if reference.shape != other.shape or reference.ndim != 7:
+    raise ValueError(f"ids must both be [chunks, calls, layers, batch, heads, groups, top_k], got "
+                     f"{list(reference.shape)} and {list(other.shape)}")
+  chunks, layers = reference.shape[0], reference.shape[2]
+  kept, picked = np.zeros((chunks, layers), np.int64), np.zeros((chunks, layers), np.int64)
+  for chunk in range(chunks):  # one chunk at a time: the pairwise comparison is top_k x top_k per group
+    ref, oth = reference[chunk], other[chunk]
+    valid = ref >= 0
+    found = (ref[..., :, None] == oth[..., None, :]).any(axis=-1) & valid
+    kept[chunk] = found.sum(axis=(0, 2, 3, 4, 5))  # [calls, layers, b, h, g, k] -> [layers]
+    picked[chunk] = valid.sum(axis=(0, 2, 3, 4, 5))
+  if not picked.sum():
+    raise ValueError("the reference rollout picked nothing (no chunk had candidates)")
+
+  def share(k: int, p: int) -> float | None:
+    return float(k / p) if p else None
+
+  return {"fraction_unchanged": float(kept.sum() / picked.sum()),
+          "per_layer": [share(k, p) for k, p in zip(kept.sum(axis=0), picked.sum(axis=0), strict=True)],
+          "per_chunk": [share(k, p) for k, p in zip(kept.sum(axis=1), picked.sum(axis=1), strict=True)],
+          "picks": int(picked.sum())}

@@ -471,12 +471,18 @@ def exported(finished_run, tmp_path_factory) -> Path:
   return export
 
 
-def fake_result(path, mode, num_chunks, prefix, backends, kv_format):
-  """What `evaluate_mode` returns, without the evaluation."""
+FAKE_IDS = np.arange(2 * 5 * 2 * 1 * 2 * 3 * 4).reshape(2, 5, 2, 1, 2, 3, 4)  # [chunks, calls, l, b, h, g, k]
+
+
+def fake_result(path, mode, num_chunks, prefix, backends, kv_format, record_ids=False):
+  """What `evaluate_mode` returns, without the evaluation: the compact formats' ids keep the first half of
+  the bf16 ids' picks (fp8) or a quarter of them (int4), for each of two videos."""
   del num_chunks, prefix, backends
   summary = {"psnr_db": 20.0, "ssim": 0.5, "by_distance": {"12": {"psnr_db": 20.0}}}
-  return {"checkpoint": str(path), "mode": mode, "kv_format": kv_format, "window_frames": 9, "prefix": summary,
-          "free": summary}
+  ids = FAKE_IDS.copy()
+  ids[..., {"bf16": 4, "fp8": 2, "int4": 1}[kv_format]:] += 1000
+  return ({"checkpoint": str(path), "mode": mode, "kv_format": kv_format, "window_frames": 9, "prefix": summary,
+           "free": summary}, [ids, ids] if record_ids else [])
 
 
 def test_eval_memory_without_matplotlib_writes_the_json_and_skips_the_plot(exported, tmp_path, capsys, monkeypatch):
@@ -506,6 +512,10 @@ def test_eval_memory_evaluates_omnimem_once_per_kv_format(exported, tmp_path, mo
   assert {name: (result["mode"], result["kv_format"]) for name, result in modes.items()} == {
       "omnimem": ("omnimem", "bf16"), "omnimem_fp8": ("omnimem", "fp8"), "omnimem_int4": ("omnimem", "int4"),
       "dense": ("dense", "bf16")}
+  assert modes["omnimem_fp8"]["picks_unchanged"]["fraction_unchanged"] == 0.5
+  assert modes["omnimem_int4"]["picks_unchanged"]["fraction_unchanged"] == 0.25
+  assert modes["omnimem_int4"]["picks_unchanged"]["picks"] == 2 * FAKE_IDS.size  # both videos
+  assert "picks_unchanged" not in modes["omnimem"] and "picks_unchanged" not in modes["dense"]
 
 
 def test_eval_memory_refuses_bad_checkpoints_before_evaluating(exported, dit_checkpoint, tmp_path, capsys,

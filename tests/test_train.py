@@ -307,3 +307,32 @@ def test_revisit_metrics_score_copies_and_group_by_distance():
   assert evaluation.ssim(rng.standard_normal(truth[:, 0].shape), truth[:, 0], data_range) < 0.2
   summary = evaluation.summarise([scores], min_distance=13)
   assert summary["frames"] == 6 and set(summary["by_distance"]) == {"12", "24"}
+
+
+def test_picks_unchanged_compares_sets_per_group_against_a_loop():
+  """Random ids with padding and reordering: the share equals a plain per-group set count; a rollout
+  against itself keeps every pick; mismatched shapes or nothing picked are refused."""
+  from omnimem_jax import evaluation
+
+  rng = np.random.default_rng(7)
+  shape = (3, 2, 4, 1, 2, 5, 6)  # chunks, calls, layers, batch, heads, groups, top_k
+  reference = np.stack([rng.permutation(40)[:6] for _ in range(int(np.prod(shape[:-1])))]).reshape(shape)
+  reference[0, ..., 3:] = -1  # chunk 0: fewer candidates than top_k
+  other = reference.copy()
+  changed = rng.random(shape) < 0.3
+  other[changed] = rng.integers(40, 80, changed.sum())  # ids the reference never picked
+  other = np.take_along_axis(other, np.argsort(rng.random(shape), axis=-1), axis=-1)  # any order
+  result = evaluation.picks_unchanged(reference, other)
+  ref_rows, other_rows = reference.reshape(-1, 6), other.reshape(-1, 6)
+  kept = sum(len(set(r[r >= 0]) & set(o)) for r, o in zip(ref_rows, other_rows, strict=True))
+  picked = (reference >= 0).sum()
+  assert result["picks"] == picked and result["fraction_unchanged"] == pytest.approx(kept / picked)
+  assert 0.5 < result["fraction_unchanged"] < 0.9 and len(result["per_layer"]) == 4 and len(result["per_chunk"]) == 3
+  layer1 = sum(len(set(r[r >= 0]) & set(o)) for r, o in
+               zip(reference[:, :, 1].reshape(-1, 6), other[:, :, 1].reshape(-1, 6), strict=True))
+  assert result["per_layer"][1] == pytest.approx(layer1 / (reference[:, :, 1] >= 0).sum())
+  assert evaluation.picks_unchanged(reference, reference)["fraction_unchanged"] == 1.0
+  with pytest.raises(ValueError, match="ids must both be"):
+    evaluation.picks_unchanged(reference, other[:2])
+  with pytest.raises(ValueError, match="picked nothing"):
+    evaluation.picks_unchanged(np.full(shape, -1), other)

@@ -54,7 +54,7 @@ class GenerateOptions:
     dtype: compute and KV-store dtype: "float32", "bfloat16", or None (float32 on CPU, else bfloat16).
     kv_dtype: the KV store's full-resolution tier in omnimem mode: "bf16" (plain, at dtype), or compact "fp8" /
       "int4" (`omnimem_jax.memory.store`); None: bf16. Other modes keep bf16.
-    retrieval_stats: record per-layer retrieval histograms in omnimem mode (one extra scoring pass).
+    retrieval_stats: record per-layer retrieval histograms in omnimem mode (from the selected ids).
     mesh: e.g. "data=2,model=2": shard the batch over "data" and the heads (weights, KV store) over
       "model" (`omnimem_jax.sharding`); None runs on one device.
     batch_size: videos generated side by side (each its own noise); default: the embeddings' batch, or 1.
