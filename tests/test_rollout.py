@@ -59,31 +59,24 @@ def test_eight_chunk_stream_compiles_once_and_equals_one_scan(mode):
   latents, retrieval = streaming.run([(0, cross)], num_chunks=8, seed=3)
   assert streaming.traces == 1 and len(streaming.timings) == 8
   assert latents.shape == (1, 4, 24, 8, 16) and np.isfinite(latents).all()
-  one_scan = Rollout(model, store_dtype=jnp.float32, retrieval=mode == "omnimem")
+  one_scan = Rollout(model, store_dtype=jnp.float32, retrieval=mode == "omnimem", record_ids=mode == "omnimem")
   latents_once, retrieval_once = one_scan.run([(0, cross)], num_chunks=8, seed=3, segment_chunks=8)
-  np.testing.assert_array_equal(latents_once, latents)
+  np.testing.assert_array_equal(latents_once, latents)  # recording the ids changes nothing
   if mode == "omnimem":
     histograms = retrieval.histograms
     assert histograms.shape == (8, config.num_layers, config.memory.capacity_chunks + 1) and retrieval.ids is None
     np.testing.assert_array_equal(retrieval_once.histograms, histograms)
+    check_recorded_ids(retrieval_once, config, 8)
     # AWE: from chunk 3 on, nothing is selected from the last 3 chunks
     assert histograms[3:, :, :3].sum() == 0 and histograms[7, :, 3:].sum() > 0
   else:
     assert retrieval is None
 
 
-def test_recorded_ids_are_the_picks_behind_the_histograms():
-  """record_ids keeps every model call's selected ids: recording changes no latent, the ids are distinct
-  per (head, group), obey Adaptive Window Exclusion, and give exactly the recorded histograms."""
-  config = tiny()
+def check_recorded_ids(picks, config, chunks):
+  """`picks.ids` (a rollout with record_ids) against its histograms: every model call's ids are distinct per
+  (head, group), obey Adaptive Window Exclusion, and give exactly the recorded histograms."""
   memory = config.memory
-  model = CausalWanModel(config, rngs=nnx.Rngs(0))
-  cross = text_cross(model)
-  chunks = 6
-  plain, _ = Rollout(model, store_dtype=jnp.float32).run([(0, cross)], num_chunks=chunks, seed=4)
-  rollout = Rollout(model, store_dtype=jnp.float32, retrieval=True, record_ids=True)
-  latents, picks = rollout.run([(0, cross)], num_chunks=chunks, seed=4, segment_chunks=2)
-  np.testing.assert_array_equal(latents, plain)
   calls = len(SamplerConfig().denoising_steps) + 1  # the denoising steps and the context pass
   ids = picks.ids
   assert ids.shape == (chunks, calls, config.num_layers, 1, config.num_heads, config.groups_per_chunk, memory.top_k)
@@ -92,8 +85,7 @@ def test_recorded_ids_are_the_picks_behind_the_histograms():
   for c in range(chunks):
     last = c if c < memory.exclude_window_chunks else c - memory.exclude_window_chunks
     assert picked_chunks[c].max() <= last and (ids[c] >= 0).any()
-  flat = ids.reshape(-1, memory.top_k)
-  assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in flat)
+  assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in ids.reshape(-1, memory.top_k))
   distances = np.arange(chunks)[:, None, None, None, None, None, None] - picked_chunks
   expected = np.zeros_like(picks.histograms)
   for c in range(chunks):
