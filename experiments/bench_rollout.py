@@ -18,7 +18,9 @@ under `shard_map`), to compare with the default single-device path on one GPU. `
 each attention op's backend (`Rollout(..., backends=...)`); the JSON records what was asked for and
 what ran, beside the device, versions, commit and flags (`omnimem_jax.benchmarking.write_report`).
 JAX's GPU memory pool takes 97% of the memory unless a pool setting is given
-(`environment.use_most_device_memory`).
+(`environment.use_most_device_memory`). Before the run, the memory plan of `generate.py` for the same
+rollout (`omnimem_jax.budget`) is printed and recorded beside the measured peak; a plan that does not
+fit is recorded, not refused (the run shows what happens).
 
   python experiments/bench_rollout.py --preset=tiny --chunks=3 --output=/tmp/rollout.json   # smoke run
 """
@@ -36,7 +38,7 @@ from flax import nnx
 
 from omnimem_kernels import dispatch
 from omnimem_kernels.backends import Backends
-from omnimem_jax import benchmarking, environment, io, sharding
+from omnimem_jax import benchmarking, budget, environment, io, sharding
 from omnimem_jax.config import ATTENTION_MODES, ModelConfig, SamplerConfig
 from omnimem_jax.model.wan import CausalWanModel
 from omnimem_jax.rollout import Rollout
@@ -69,8 +71,21 @@ def bench_config(mode: str, chunks: int) -> ModelConfig:
   return dataclasses.replace(base, memory=dataclasses.replace(memory, capacity_chunks=capacity))
 
 
+def memory_plan(config: ModelConfig, backends: Backends) -> budget.MemoryPlan:
+  """The plan `generate.py` would make for this rollout (bf16 weights and store, one prompt, the stream's
+  default 7 recache chunks, no VAE), printed."""
+  mesh = None if _MESH.value is None else sharding.parse_mesh(_MESH.value)
+  run = budget.RunShape(dits=(budget.DiT(config, "bfloat16", kv_format=_KV_FORMAT.value),), batch_size=1,
+                        dtype="bfloat16", mesh=None if mesh is None else (mesh["data"], mesh["model"]),
+                        backends=backends)
+  plan = budget.plan_memory(run, budget.device_capacity(run.devices))
+  print(plan.table(), flush=True)
+  return plan
+
+
 def run_mode(mode: str, chunks: int, backends: Backends) -> dict:
   config = bench_config(mode, chunks)
+  plan = memory_plan(config, backends)
   model = CausalWanModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   text = np.random.default_rng(0).standard_normal((1, config.text_len, config.text_dim)).astype(jnp.bfloat16)
   mesh = None if _MESH.value is None else sharding.make_mesh(**sharding.parse_mesh(_MESH.value), config=config)
@@ -99,7 +114,7 @@ def run_mode(mode: str, chunks: int, backends: Backends) -> dict:
       # DiT throughput: decoded frames over DiT time, chunk 0 (compilation) excluded
       "dit_fps": (video_frames(done) - video_frames(1)) / sum(steady) if steady else None,
       "wall_seconds": total, "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-      "bytes_limit": stats.get("bytes_limit"),
+      "bytes_limit": stats.get("bytes_limit"), "plan": plan.to_dict(),
   }
 
 

@@ -159,6 +159,9 @@ def test_bench_rollout_smoke_and_merge(tmp_path):
   result = record["result"]
   assert (result["mode"], result["chunks_done"], result["error"]) == ("window", 2, None)
   assert result["backends"] == {"selection": None, "topk": None, "dense": "xla"}
+  plan = result["plan"]  # generate.py's plan of the same rollout, beside the measured peak
+  store = [part for part in plan["parts"] if part["name"].startswith("KV store: full resolution")]
+  assert plan["total_bytes"] > 0 and store and store[0]["chunks"] == result["capacity_chunks"]
   run_benchmark("bench_rollout.py", f"--merge={out}", f"--output={merged}")
   report = json.loads(merged.read_text())
   assert (report["device"], report["versions"]) == (record["device"], record["versions"])
