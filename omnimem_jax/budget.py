@@ -291,7 +291,9 @@ def store_parts(run: RunShape, dit: DiT, label: str = "") -> list[Part]:
                    for x in (store, bigger))
     if size:
       tier = {field: getattr(store.layers, field) for field in fields}
-      parts.append(Part(f"KV store: {name}{label}", "KV store", size, _dtypes(tier),
+      compact = name == FULL_TIER and dit.kv_format != "bf16"  # e.g. "fp8 as uint8": the codes' bytes
+      parts.append(Part(f"KV store: {name}{label}", "KV store", size,
+                        f"{dit.kv_format} as {_dtypes(tier)}" if compact else _dtypes(tier),
                         chunks(dit.config.memory, dit.kv_format), grown - size))
   parts.append(Part(f"KV store: slot tables{label}", "KV store",
                     sharding.device_nbytes(store.tables, axes.tables, sizes), _dtypes(store.tables)))

@@ -118,7 +118,7 @@ def test_model_dir_prompt_switch_slot_reuse_and_latents(tmp_path, model_dir, cap
   assert report["memory"] == {**report["memory"], "kv_format": "fp8", "capacity_chunks": 3, "pooled_chunks": 5,
                               "chunks_in_memory": 3, "chunks_dropped": 2}  # the pooled tier keeps all 5 chunks
   tiers = {part["name"]: (part["dtype"], part["chunks"]) for part in report["memory"]["plan"]["parts"]}
-  assert tiers["KV store: full resolution"] == ("float8_e4m3fn", 3) and tiers["KV store: scales"] == ("float32", 3)
+  assert tiers["KV store: full resolution"] == ("fp8 as uint8", 3) and tiers["KV store: scales"] == ("float32", 3)
   assert tiers["KV store: recent ring"] == ("float32", 3) and tiers["KV store: pooled"] == ("float32", 5)
   assert report["video"]["requested_frames"] == 50 and any("rounded up to 5 whole chunks" in n for n in report["notes"])
   latents = np.load(tmp_path / "latents.npy")

@@ -183,20 +183,29 @@ def test_robust_a_run_that_cannot_fit_is_refused_before_its_weights_load(tmp_pat
   message = str(refused.value)
   device = re.escape(jax.devices()[0].device_kind)
   numbers = re.fullmatch(rf"the run needs (\S+) MB on {device} \((\S+) MB: OMNIMEM_DEVICE_MEMORY_BYTES\): weights "
-                         r"(\S+), KV store (\S+) \(14 chunks\), working set \S+; try --seconds=(\S+) or "
-                         r"--capacity_chunks=(\d+)", message)
+                         r"(\S+), KV store (\S+) \(14 chunks\), working set \S+; try --kv_dtype=fp8 or "
+                         r"--seconds=(\S+)", message)
   assert numbers, message
   kv = store_bytes(tiny(capacity_chunks=14), 1, 4) + 2 * 14 * 4  # the full and pooled slot tables: 14 int32 each
   assert list(numbers.groups()[:4]) == [f"{size / 1e6:.1f}" for size in (
       fitting.total, fitting.total - 5 * per_chunk, _parts(fitting)["weights"].bytes, kv)]
   assert refused.value.table.splitlines()[-1].endswith("does NOT fit")
-  seconds, slots = float(numbers[5]), int(numbers[6])
+  assert planning.plan(dataclasses.replace(options, kv_dtype="fp8")).memory.fits()
+  seconds = float(numbers[5])
+  shorter = planning.plan(dataclasses.replace(options, seconds=seconds))
+  assert shorter.memory.fits() and 3 <= shorter.num_chunks == shorter.config.memory.capacity_chunks < 14
+  # With the compact store asked for and still too big: a shorter video or fewer store slots.
+  compact = dataclasses.replace(options, kv_dtype="fp8")
+  compact_plan = planning.plan(compact).memory
+  monkeypatch.setenv(budget.CAPACITY_VARIABLE, str(compact_plan.total - 5 * sum(p.bytes_per_chunk
+                                                                                for p in compact_plan.parts)))
+  with pytest.raises(DoesNotFit, match=r"; try --seconds=\S+ or --capacity_chunks=\d+$") as refused:
+    planning.plan_runs(compact)
+  slots = int(str(refused.value).rsplit("=", 1)[1])
   assert 3 <= slots < 14
-  fewer_slots = planning.plan(dataclasses.replace(options, capacity_chunks=slots))
+  fewer_slots = planning.plan(dataclasses.replace(compact, capacity_chunks=slots))
   assert fewer_slots.memory.fits() and fewer_slots.config.memory.capacity_chunks == slots
   assert fewer_slots.num_chunks == fewer_slots.config.memory.pooled_chunks == 14  # the pooled tier keeps the video
-  shorter = planning.plan(dataclasses.replace(options, seconds=seconds))
-  assert shorter.memory.fits() and slots <= shorter.num_chunks == shorter.config.memory.capacity_chunks < 14
   monkeypatch.delenv(budget.CAPACITY_VARIABLE)
   with pytest.raises(CheckpointError, match="cannot restore"):
     run.generate(options)

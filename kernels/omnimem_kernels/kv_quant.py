@@ -4,18 +4,22 @@ A block is the last two axes `[block_tokens, head_dim]`; every leading index (ba
 its own scale, so one outlier block costs no precision elsewhere.
 
 - "bf16": the values as bfloat16, no scale (the plain store).
-- "fp8": float8_e4m3fn of x / scale, scale = amax / 448 (448: e4m3's largest finite value).
+- "fp8": float8_e4m3fn of x / scale, scale = amax / 448 (448: e4m3's largest finite value), stored as
+  its bytes (uint8): every XLA backend updates a uint8 store in place, while a float8 one is widened and
+  copied where the backend lacks float8 (XLA:CPU copies the whole store at each write).
 - "int4": symmetric integers q = clip(round(x / scale), -7, 7), scale = amax / 7, stored as the nibble
   q + 8, two per uint8 along head_dim: byte j of a row holds element 2j in its low nibble, 2j + 1 in
   its high nibble.
 
-A block of zeros gets scale 0 and codes that decode to 0. The decoded codes (`decode`) are exact in
+Both compact formats store uint8; the row length tells them apart (`format_of`). A block of zeros gets
+scale 0 and codes that decode to 0. The decoded codes (`decode`) are exact in
 bfloat16, which lets the selection kernels decode in the kernel and apply the scale to logits and
 probabilities (`omnimem_kernels/selection_attention/pallas_triton.py`).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Shaped
@@ -25,7 +29,7 @@ FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 INT4_MAX = 7  # symmetric codes -7..7
 INT4_OFFSET = 8  # a code is stored as the nibble code + 8 (1..15; 8 is zero)
 
-_STORAGE = {"bf16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn, "int4": jnp.uint8}
+_STORAGE = {"bf16": jnp.bfloat16, "fp8": jnp.uint8, "int4": jnp.uint8}
 _CODE_MAX = {"fp8": FP8_MAX, "int4": float(INT4_MAX)}
 
 
@@ -35,7 +39,7 @@ def _check_format(fmt: str) -> None:
 
 
 def storage_dtype(fmt: str) -> jnp.dtype:
-  """The dtype a block's data is stored in: bfloat16, float8_e4m3fn or uint8 (two int4 codes a byte)."""
+  """The dtype a block's data is stored in: bfloat16, or uint8 (an fp8 value's bytes, two int4 codes)."""
   _check_format(fmt)
   return jnp.dtype(_STORAGE[fmt])
 
@@ -50,17 +54,16 @@ def stored_head_dim(head_dim: int, fmt: str) -> int:
   return head_dim // 2
 
 
-def format_of(data: Shaped[Array, "..."]) -> str:
-  """The format of stored data, from its dtype: float8_e4m3fn -> "fp8", uint8 -> "int4", any other
-  float (bfloat16, float32, ...) -> "bf16", the plain unscaled format."""
+def format_of(data: Shaped[Array, "... stored"], head_dim: int) -> str:
+  """The format of data stored for rows of `head_dim` values: a float dtype (bfloat16, float32, ...) ->
+  "bf16", the plain unscaled format; uint8 rows of head_dim bytes -> "fp8", of head_dim / 2 -> "int4"."""
   dtype = jnp.dtype(data.dtype)
-  if dtype == jnp.float8_e4m3fn:
-    return "fp8"
-  if dtype == jnp.uint8:
-    return "int4"
   if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 2:
     return "bf16"
-  raise ValueError(f"no KV format stores {dtype}: plain floats (bf16), float8_e4m3fn (fp8) or uint8 (int4)")
+  if dtype == jnp.uint8 and data.shape[-1] in (head_dim, head_dim // 2):
+    return "fp8" if data.shape[-1] == head_dim else "int4"
+  raise ValueError(f"no KV format stores {dtype} rows of {data.shape[-1]} for head_dim {head_dim}: plain floats "
+                   f"(bf16), or uint8 rows of head_dim (fp8) or head_dim / 2 (int4) bytes")
 
 
 def quantize(x: Float[Array, "*blocks bt d"],
@@ -73,7 +76,7 @@ def quantize(x: Float[Array, "*blocks bt d"],
   scale = jnp.max(jnp.abs(x), axis=(-2, -1)) / _CODE_MAX[fmt]
   scaled = x / jnp.where(scale > 0, scale, 1.0)[..., None, None]  # a zero block stays zero
   if fmt == "fp8":
-    return jnp.clip(scaled, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale
+    return jax.lax.bitcast_convert_type(jnp.clip(scaled, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), jnp.uint8), scale
   nibbles = (jnp.clip(jnp.round(scaled), -INT4_MAX, INT4_MAX) + INT4_OFFSET).astype(jnp.uint8)
   return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4), scale
 
@@ -81,9 +84,11 @@ def quantize(x: Float[Array, "*blocks bt d"],
 def decode(data: Shaped[Array, "*rows stored"], fmt: str, dtype: DTypeLike) -> Shaped[Array, "*rows d"]:
   """The unscaled codes of `data` as `dtype` (exact in bfloat16 and wider): fp8 values, or int4 codes
   -8..7 unpacked to [..., 2 * stored] in element order. Uses only ops the Pallas Triton lowering has
-  (masks, shifts, a last-axis stack), so the kernels call it on loaded rows."""
+  (a bitcast, masks, shifts, a last-axis stack), so the kernels call it on loaded rows."""
   _check_format(fmt)
-  if fmt != "int4":
+  if fmt == "fp8":
+    return jax.lax.bitcast_convert_type(data, jnp.float8_e4m3fn).astype(dtype)
+  if fmt == "bf16":
     return data.astype(dtype)
   low = (data & 0xF).astype(jnp.int32) - INT4_OFFSET
   high = (data >> 4).astype(jnp.int32) - INT4_OFFSET

@@ -51,7 +51,7 @@ class LayerKV:
   @property
   def kv_format(self) -> str:
     """"bf16" (plain, whatever the float dtype), "fp8" or "int4": what the full-resolution tier holds."""
-    return kv_quant.format_of(self.k)
+    return kv_quant.format_of(self.k, self.k_pooled.shape[-1])
 
 
 @jax.tree_util.register_dataclass
@@ -233,7 +233,8 @@ def write_chunk(layer: LayerKV, k: Float[Array, "b n h d"], v: Float[Array, "b n
   def put(store, update, start):
     update = update.reshape(batch, heads, *(1,) * len(lead), *update.shape[2:]).astype(store.dtype)
     zero = jnp.int32(0)
-    return jax.lax.dynamic_update_slice(store, update, (zero, zero, *lead, start, *(zero,) * (update.ndim - 3 - len(lead))))
+    where = (zero, zero, *lead, start, *(zero,) * (update.ndim - 3 - len(lead)))
+    return jax.lax.dynamic_update_slice(store, update, where)
 
   def blockwise(x):  # [B, H, blocks, BT, D] float32
     return x.astype(jnp.float32).reshape(batch, heads, blocks, block_tokens, head_dim)

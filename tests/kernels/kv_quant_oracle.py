@@ -45,7 +45,17 @@ def unpack_int4(data: np.ndarray) -> np.ndarray:
   return codes
 
 
+def decode_e4m3(data: np.ndarray) -> np.ndarray:
+  """float64 values of float8_e4m3fn bytes: sign bit 7, exponent bits 6..3 (bias 7, 0: subnormal), mantissa
+  bits 2..0; 0x7f and 0xff are NaN (e4m3fn has no infinities)."""
+  data = np.asarray(data, np.uint8).astype(np.int64)
+  sign = np.where(data >> 7, -1.0, 1.0)
+  exponent, mantissa = (data >> 3) & 0xF, data & 0x7
+  magnitude = np.where(exponent == 0, mantissa / 8.0 * 2.0 ** -6, (1 + mantissa / 8.0) * 2.0 ** (exponent - 7.0))
+  return np.where((data & 0x7F) == 0x7F, np.nan, sign * magnitude)
+
+
 def dequantize(data: np.ndarray, scale: np.ndarray, fmt: str) -> np.ndarray:
-  """float64 values of stored blocks: codes times the block's scale."""
-  codes = unpack_int4(data) if fmt == "int4" else np.asarray(data).astype(np.float64)
+  """float64 values of stored blocks (uint8: fp8 bytes or packed int4 codes): codes times the block's scale."""
+  codes = unpack_int4(data) if fmt == "int4" else decode_e4m3(data)
   return codes * np.asarray(scale, np.float64)[..., None, None]

@@ -77,13 +77,16 @@ def test_bf16_format_is_a_cast(dtype):
 
 
 def test_helpers():
-  assert [kv_quant.storage_dtype(fmt) for fmt in kv_quant.FORMATS] == [jnp.bfloat16, jnp.float8_e4m3fn, jnp.uint8]
+  assert [kv_quant.storage_dtype(fmt) for fmt in kv_quant.FORMATS] == [jnp.bfloat16, jnp.uint8, jnp.uint8]
   assert [kv_quant.stored_head_dim(128, fmt) for fmt in kv_quant.FORMATS] == [128, 128, 64]
   for fmt in kv_quant.FORMATS:
-    assert kv_quant.format_of(jnp.zeros(2, kv_quant.storage_dtype(fmt))) == fmt
-  assert kv_quant.format_of(jnp.zeros(2, jnp.float32)) == "bf16"
+    stored = jnp.zeros((2, kv_quant.stored_head_dim(128, fmt)), kv_quant.storage_dtype(fmt))
+    assert kv_quant.format_of(stored, 128) == fmt
+  assert kv_quant.format_of(jnp.zeros((2, 128), jnp.float32), 128) == "bf16"
   with pytest.raises(ValueError, match="no KV format stores int8"):
-    kv_quant.format_of(jnp.zeros(2, jnp.int8))
+    kv_quant.format_of(jnp.zeros((2, 128), jnp.int8), 128)
+  with pytest.raises(ValueError, match="no KV format stores uint8 rows of 32 for head_dim 128"):
+    kv_quant.format_of(jnp.zeros((2, 32), jnp.uint8), 128)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -79,7 +79,7 @@ def _check_shapes(q, k_blocks, v_blocks, ids) -> None:
   if k_blocks.shape[:2] != (batch, heads) or ids.shape[:2] != (batch, heads):
     raise ValueError(f"batch and head axes must agree: q {q.shape[:2]}, k_blocks {k_blocks.shape[:2]}, "
                      f"ids {ids.shape[:2]}")
-  fmt = kv_quant.format_of(k_blocks)
+  fmt = kv_quant.format_of(k_blocks, head_dim)
   if k_blocks.shape[-1] != kv_quant.stored_head_dim(head_dim, fmt):
     raise ValueError(f"head_dim mismatch: q has {head_dim}, {fmt} k_blocks store "
                      f"{kv_quant.stored_head_dim(head_dim, fmt)} a row, got {k_blocks.shape[-1]}")
@@ -87,11 +87,12 @@ def _check_shapes(q, k_blocks, v_blocks, ids) -> None:
     raise ValueError(f"the {tokens} query tokens must split evenly into the {ids.shape[2]} groups of ids")
 
 
-def _check_scales(k_blocks, v_blocks, k_scale, v_scale) -> None:
+def _check_scales(k_blocks, v_blocks, k_scale, v_scale, head_dim: int) -> None:
   """Compact blocks (fp8, int4) need float32 [batch, heads, num_blocks] scales; plain float blocks none."""
-  fmt = kv_quant.format_of(k_blocks)
-  if kv_quant.format_of(v_blocks) != fmt:
-    raise ValueError(f"k_blocks and v_blocks must have one format, got {k_blocks.dtype} and {v_blocks.dtype}")
+  fmt = kv_quant.format_of(k_blocks, head_dim)
+  if kv_quant.format_of(v_blocks, head_dim) != fmt:
+    raise ValueError(f"k_blocks and v_blocks must have one format, got {fmt} and "
+                     f"{kv_quant.format_of(v_blocks, head_dim)}")
   for name, block_scale in (("k_scale", k_scale), ("v_scale", v_scale)):
     if fmt == "bf16" and block_scale is not None:
       raise ValueError(f"plain {k_blocks.dtype} blocks take no {name}: scales come with fp8 or int4 blocks")
@@ -130,8 +131,8 @@ def selection_attention(q: Float[Array, "b h n d"], k_blocks: Shaped[Array, "b h
   Args:
     q: queries, the n tokens split into g consecutive groups (g = ids.shape[2]).
     k_blocks, v_blocks: the store viewed as blocks (`[..., slots, tokens, d]` reshaped, no copy): plain
-      floats (dk = d), or compact blocks of one `kv_quant` format, float8_e4m3fn (dk = d) or packed int4
-      uint8 (dk = d / 2).
+      floats (dk = d), or compact blocks of one `kv_quant` format, uint8: fp8 bytes (dk = d) or packed
+      int4 (dk = d / 2).
     ids: per (batch, head, group) the block indices to attend; -1 entries are skipped; a repeated id
       is attended as listed (its keys count twice).
     k_scale, v_scale: the compact blocks' float32 scales (None for plain blocks); the result is that of
@@ -146,7 +147,7 @@ def selection_attention(q: Float[Array, "b h n d"], k_blocks: Shaped[Array, "b h
     scaled logits, -inf for such a group.
   """
   _check_shapes(q, k_blocks, v_blocks, ids)
-  _check_scales(k_blocks, v_blocks, k_scale, v_scale)
+  _check_scales(k_blocks, v_blocks, k_scale, v_scale, q.shape[-1])
   if check_ids:
     check_block_ids(ids, k_blocks.shape[2])
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale

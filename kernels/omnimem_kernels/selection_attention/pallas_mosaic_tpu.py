@@ -142,7 +142,7 @@ def selection_attention(q: Float[Array, "b h n d"], k_blocks: Shaped[Array, "b h
   """
   if not interpret and jax.default_backend() != "tpu":
     raise NotImplementedError("pallas mosaic_tpu runs on TPUs (or with interpret=True)")
-  fmt = kv_quant.format_of(k_blocks)
+  fmt = kv_quant.format_of(k_blocks, q.shape[-1])
   if fmt == "bf16" and not (q.dtype == k_blocks.dtype == v_blocks.dtype):
     raise NotImplementedError(f"pallas mosaic_tpu needs one dtype for q, k, v, got {q.dtype}, {k_blocks.dtype}, "
                               f"{v_blocks.dtype}")

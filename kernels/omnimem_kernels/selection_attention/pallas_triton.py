@@ -124,7 +124,7 @@ def selection_attention(q: Float[Array, "b h n d"], k_blocks: Shaped[Array, "b h
   group_size = tokens // groups
   if head_dim < 16 or head_dim != _next_pow2(head_dim):
     raise NotImplementedError(f"pallas triton needs a power-of-two head_dim >= 16, got {head_dim}")
-  fmt = kv_quant.format_of(k_blocks)
+  fmt = kv_quant.format_of(k_blocks, head_dim)
   if fmt == "bf16" and not (q.dtype == k_blocks.dtype == v_blocks.dtype):
     raise NotImplementedError(f"pallas triton needs one dtype for q, k, v, got {q.dtype}, {k_blocks.dtype}, "
                               f"{v_blocks.dtype}")

@@ -14,11 +14,11 @@ from omnimem_kernels import kv_quant
 
 
 def _listed_values(blocks: Shaped[Array, "b h nblk bt dk"], block_scale: Float[Array, "b h nblk"] | None,
-                   index: Int[Array, "b h g k"]) -> Float[Array, "b h g k bt d"]:
+                   index: Int[Array, "b h g k"], fmt: str) -> Float[Array, "b h g k bt d"]:
   """The listed blocks (index >= 0) as float32 values: plain blocks cast, compact ones dequantised."""
   gather = jax.vmap(jax.vmap(lambda x, idx: x[idx]))  # over batch, heads
   scales = None if block_scale is None else gather(block_scale, index)
-  return kv_quant.dequantize(gather(blocks, index), scales, kv_quant.format_of(blocks))
+  return kv_quant.dequantize(gather(blocks, index), scales, fmt)
 
 
 def selection_attention(q: Float[Array, "b h n d"], k_blocks: Shaped[Array, "b h nblk bt dk"],
@@ -30,8 +30,9 @@ def selection_attention(q: Float[Array, "b h n d"], k_blocks: Shaped[Array, "b h
   batch, heads, tokens, head_dim = q.shape
   groups = ids.shape[2]
   valid = ids >= 0
-  k_sel = _listed_values(k_blocks, k_scale, jnp.where(valid, ids, 0))  # [b, h, g, k, bt, d]
-  v_sel = _listed_values(v_blocks, v_scale, jnp.where(valid, ids, 0))
+  fmt = kv_quant.format_of(k_blocks, head_dim)
+  k_sel = _listed_values(k_blocks, k_scale, jnp.where(valid, ids, 0), fmt)  # [b, h, g, k, bt, d]
+  v_sel = _listed_values(v_blocks, v_scale, jnp.where(valid, ids, 0), fmt)
   q_groups = q.astype(jnp.float32).reshape(batch, heads, groups, tokens // groups, head_dim)
 
   logits = jnp.einsum("bhgqd,bhgktd->bhgqkt", q_groups, k_sel, precision=jax.lax.Precision.HIGHEST) * scale
