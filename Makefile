@@ -21,8 +21,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
-test: setup
-	$(PY) -m pytest -q tests
+test: setup  # two worker processes (pytest-xdist): CI's 2 cores, 8.6 min instead of 13.1 there
+	$(PY) -m pytest -q -n 2 tests
 
 demo: setup  # the committed demo model (synthetic orbiting-camera world): the camera comes back after 6 chunks; writes outputs/demo.mp4 and outputs/demo.json
 	$(PY) experiments/generate.py
