@@ -36,6 +36,7 @@ from omnimem_jax import io, sharding
 
 METADATA_FILE = "omnimem.json"
 PARAMS_DIR = "params"
+ORBAX_COMMIT_MARKER = "commit_success.txt"  # Orbax writes it after a save; it holds the absolute save path
 FORMAT_VERSION = 1
 
 
@@ -120,7 +121,8 @@ def save_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any], rec
   """Writes `params` (a nested dict of arrays, e.g. `nnx.to_pure_dict(state)`) and its `record`.
 
   An existing `directory` is replaced only with `overwrite=True`, and only once the new checkpoint
-  is complete.
+  is complete. The rename of the finished staging directory is the commit, so Orbax's own marker file
+  (which names the staging directory's absolute path) is not kept.
   """
   directory = Path(directory).absolute()
   if not isinstance(record, CheckpointRecord):
@@ -132,6 +134,7 @@ def save_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any], rec
   try:
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:  # synchronous: done when it returns
       checkpointer.save(staging / PARAMS_DIR, args=ocp.args.StandardSave(dict(params)))
+    (staging / PARAMS_DIR / ORBAX_COMMIT_MARKER).unlink(missing_ok=True)
     (staging / METADATA_FILE).write_text(json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n")
     if directory.exists():
       retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")

@@ -92,6 +92,9 @@ def test_saving_never_overwrites_or_leaves_partial_files(tmp_path):
                               overwrite=True)
   assert checkpoints.read_record(target).config == {"v": 2}
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging or retired directories
+  files = [p for p in target.rglob("*") if p.is_file()]
+  assert files and not any(str(tmp_path).encode() in p.read_bytes() for p in files)  # no machine path kept
+  np.testing.assert_array_equal(checkpoints.restore_params(target, {"w": jax.ShapeDtypeStruct((2,), np.float32)})["w"], np.ones(2))
   with pytest.raises(ValueError, match="needs 'kind' and 'config'"):
     checkpoints.save_checkpoint(tmp_path / "x", params, checkpoints.CheckpointRecord.from_json({"config": {}}))
 
