@@ -547,6 +547,23 @@ def test_eval_memory_refuses_bad_checkpoints_before_evaluating(exported, dit_che
       assert snapshot(tmp_path) == before and message in error_line(capsys)
 
 
+def test_eval_memory_takes_the_codec_a_checkpoint_was_trained_through(exported, tmp_path, capsys, monkeypatch):
+  """A checkpoint trained on the codec-encoded pixel world (assets/demo/omnimem, through assets/demo/vae) is
+  refused with a --codec that is not a codec, before any evaluation, and accepted with its codec."""
+  demo = ROOT / "assets" / "demo"
+  output = tmp_path / "bench.json"
+  with script("eval_memory") as module:
+    monkeypatch.setattr(module, "evaluate_mode", fake_result)
+    assert call(module, f"--checkpoints=omnimem:{demo / 'omnimem'}", f"--codec={exported}", f"--output={output}",
+                "--plot=none") == 2
+    line = error_line(capsys)
+    assert "trained on the world encoded by the codec assets/demo/vae, and --codec=" in line, line
+    assert line.endswith("point --codec at that codec") and not output.exists()
+    assert call(module, f"--checkpoints=omnimem:{demo / 'omnimem'}", f"--codec={demo / 'vae'}", f"--output={output}",
+                "--plot=none", "--num_chunks=3", "--prefix_chunks=1") == 0
+  assert json.loads(output.read_text())["modes"]["omnimem"]["checkpoint"] == str(demo / "omnimem")
+
+
 def test_eval_memory_refuses_weights_damaged_past_the_metadata(exported, tmp_path, capsys):
   damaged = Path(shutil.copytree(exported, tmp_path / "damaged"))
   truncate_arrays(damaged)
